@@ -1,0 +1,29 @@
+# fleetd developer entry points. Every target sets up .venv itself (scripts/bootstrap.sh).
+.PHONY: demo test check lint types imports fmt setup plan
+
+setup:
+	@./scripts/bootstrap.sh
+
+# Quick start #1: fleetd's main job on the simulated host (no GPU needed).
+demo: setup
+	.venv/bin/fleetd plan etc/fleetd.toml --simulate
+
+# Quick start #2: everything CI checks (lint, types, import layers, tests).
+test: setup
+	./scripts/test.sh
+
+check: test
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+types: setup
+	.venv/bin/mypy
+
+imports: setup
+	.venv/bin/lint-imports
+
+fmt: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
