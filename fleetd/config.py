@@ -1,0 +1,561 @@
+"""fleetd.toml as frozen, validated data.
+
+Every key a user can write is declared here with its unit, default and the reason for the
+default. Models are frozen and forbid unknown keys, so a typo is an error, not a silent no-op.
+``load_config`` is the only function that does I/O; ``parse_config`` validates a parsed
+document and reports *every* mistake at once (see ``fleetd.config_errors``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fleetd import config_errors
+from fleetd.errors import ConfigError
+from fleetd.model import units
+
+# Engine flags that fleetd sets itself; letting engine_args set them too would make the
+# worker disagree with the supervisor about its port, GPU share or name.
+VLLM_RESERVED_FLAGS = (
+    "--host",
+    "--port",
+    "--uds",
+    "--gpu-memory-utilization",
+    "--device-memory-utilization",
+    "--served-model-name",
+    "--model",
+    "--shutdown-timeout",
+    "--max-model-len",
+)
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,62}$")
+
+
+class _Frozen(BaseModel):
+    # allow_inf_nan=False: TOML has `inf` and `nan`; no size or duration here means either.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
+
+
+class Engine(enum.StrEnum):
+    """Inference engines fleetd can supervise."""
+
+    VLLM = "vllm"
+    OLLAMA = "ollama"
+
+
+class Capability(enum.StrEnum):
+    """What a model is good at; the gateway routes ``model="auto"`` requests by these."""
+
+    CHAT = "chat"
+    VISION = "vision"
+    CODE = "code"
+    REASONING = "reasoning"
+    EMBEDDINGS = "embeddings"
+
+
+GpuRef = Annotated[
+    int | str,
+    Field(
+        description="A GPU by NVML index (0, 1, ...) or by UUID ('GPU-b850f46d-...'). "
+        "UUIDs survive re-enumeration; indices are easier to read."
+    ),
+]
+
+
+def _check_gpu_ref(ref: int | str) -> None:
+    if isinstance(ref, int) and ref < 0:
+        raise ValueError(f"GPU index {ref} is negative")
+    if isinstance(ref, str) and not ref.startswith(("GPU-", "MIG-")):
+        raise ValueError(f"{ref!r} is neither a GPU index nor an NVML UUID ('GPU-...')")
+
+
+class HealthSpec(_Frozen):
+    """How a worker's health is judged and how failures are retried."""
+
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds from launch until the engine must answer its health check. "
+        "Default 600: a cold vLLM load of a 7B model with CUDA graphs takes minutes.",
+    )
+    probe_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes.")
+    probe_timeout_s: float = Field(2.0, gt=0, description="Seconds one health probe may take.")
+    unhealthy_after: int = Field(
+        3, ge=1, description="Consecutive failed probes after which a ready worker is hung."
+    )
+    stop_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between SIGTERM and SIGKILL to the worker's process group.",
+    )
+    backoff_initial_s: float = Field(2.0, gt=0, description="First restart delay after a crash.")
+    backoff_max_s: float = Field(120.0, gt=0, description="Cap on the restart delay.")
+    max_restarts: int = Field(
+        5, ge=1, description="Crashes within restart_window_s after which the worker is failed."
+    )
+    restart_window_s: float = Field(600.0, gt=0, description="Window for max_restarts.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.probe_timeout_s > self.probe_interval_s:
+            raise ValueError(
+                f"probe_timeout_s ({self.probe_timeout_s}) must not exceed "
+                f"probe_interval_s ({self.probe_interval_s})"
+            )
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError(
+                f"backoff_initial_s ({self.backoff_initial_s}) must not exceed "
+                f"backoff_max_s ({self.backoff_max_s})"
+            )
+        return self
+
+
+class ModelSpec(_Frozen):
+    """One model deployment: what to serve, with which engine, inside which VRAM budget."""
+
+    name: str = Field(
+        description="fleetd's name for the deployment (lower case, digits, . _ : -); "
+        "used by fleetctl and as the default served name."
+    )
+    engine: Engine
+    model: str = Field(
+        min_length=1,
+        description="What the engine loads: a Hugging Face id or local path for vLLM, "
+        "an Ollama tag such as 'deepcoder:14b' for Ollama.",
+    )
+    served_name: str | None = Field(
+        None, description="Name clients use in requests; defaults to `name`."
+    )
+    aliases: tuple[str, ...] = Field((), description="Further names the gateway accepts.")
+    vram_gib: float = Field(
+        gt=0,
+        le=1024,
+        description="GiB of GPU memory the model itself needs (weights + KV cache + activations).",
+    )
+    overhead_gib: float = Field(
+        2.0,
+        ge=0,
+        le=64,
+        description="GiB on top of vram_gib for CUDA context, graphs and fragmentation; "
+        "2-4 is typical for vLLM. The budget is vram_gib + overhead_gib.",
+    )
+    size_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Ollama only: full size of the model. When larger than the budget, "
+        "Ollama offloads the rest to system RAM (partial offload, slower).",
+    )
+    replicas: int = Field(1, ge=0, le=64, description="Workers wanted, each on its own GPU.")
+    priority: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Higher wins: a model may evict lower-priority models to get a GPU.",
+    )
+    allowed_gpus: tuple[GpuRef, ...] = Field(
+        (), description="GPUs the model may run on; empty means any."
+    )
+    preferred_gpus: tuple[GpuRef, ...] = Field(
+        (), description="GPUs tried first, in order, when placing a new replica."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="vLLM only: --max-model-len (context length in tokens)."
+    )
+    engine_args: tuple[str, ...] = Field(
+        (), description="Extra command-line arguments passed to the engine unchanged."
+    )
+    capabilities: tuple[Capability, ...] = Field(
+        (Capability.CHAT,), description="What the model is for; used by gateway routing."
+    )
+    fallbacks: tuple[str, ...] = Field(
+        (),
+        description="Models (by name) the gateway uses, in order, when no replica is ready.",
+    )
+    health: HealthSpec = Field(default_factory=HealthSpec)
+
+    @field_validator("name", "served_name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError(
+                "must be 1-63 characters of lower-case letters, digits and . _ : - "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("allowed_gpus", "preferred_gpus")
+    @classmethod
+    def _valid_gpu_refs(cls, value: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        for ref in value:
+            _check_gpu_ref(ref)
+        if len(set(value)) != len(value):
+            raise ValueError("lists a GPU twice")
+        return value
+
+    @model_validator(mode="after")
+    def _engine_rules(self) -> Self:
+        problems: list[str] = []
+        if self.engine is Engine.VLLM:
+            problems.extend(
+                f"engine_args sets {arg.split('=', 1)[0]}, which fleetd sets itself; "
+                f"remove it (use max_model_len / vram_gib instead where relevant)"
+                for arg in self.engine_args
+                if arg.split("=", 1)[0] in VLLM_RESERVED_FLAGS
+            )
+            if self.size_gib is not None:
+                problems.append("size_gib (partial offload) applies to Ollama models only")
+        else:
+            if self.max_model_len is not None:
+                problems.append("max_model_len applies to vLLM models only")
+            if self.engine_args:
+                problems.append(
+                    "engine_args applies to vLLM models only; Ollama takes models by tag"
+                )
+        if self.name in self.fallbacks:
+            problems.append("fallbacks lists the model itself")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def served(self) -> str:
+        """The name clients send in requests."""
+        return self.served_name or self.name
+
+    @property
+    def budget_mib(self) -> int:
+        """VRAM the planner reserves for one replica: vram + overhead, in MiB."""
+        return units.gib_to_mib(self.vram_gib + self.overhead_gib)
+
+    @property
+    def offloaded_mib(self) -> int:
+        """MiB that partial offload keeps in system RAM (0 when the model fits its budget)."""
+        if self.size_gib is None:
+            return 0
+        return max(0, units.gib_to_mib(self.size_gib) - units.gib_to_mib(self.vram_gib))
+
+
+class GpuOverride(_Frozen):
+    """Per-GPU settings, matched by index or UUID."""
+
+    gpu: GpuRef
+    reserved_mib: int = Field(
+        0,
+        ge=0,
+        description="MiB fleetd never plans on this GPU (e.g. for a display or a desktop session).",
+    )
+
+    @field_validator("gpu")
+    @classmethod
+    def _valid_gpu_ref(cls, value: int | str) -> int | str:
+        _check_gpu_ref(value)
+        return value
+
+
+class GpusSpec(_Frozen):
+    """What fleetd expects of the host's GPUs."""
+
+    expected_count: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPUs the host should have; fewer found is reported as a fault. "
+        "Unset: whatever NVML finds.",
+    )
+    device: tuple[GpuOverride, ...] = Field((), description="Per-GPU overrides.")
+
+
+class PortRange(_Frozen):
+    """A range of loopback TCP ports fleetd allocates worker ports from."""
+
+    first: int = Field(ge=1024, le=65535)
+    last: int = Field(ge=1024, le=65535)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.first > self.last:
+            raise ValueError(f"first ({self.first}) is greater than last ({self.last})")
+        return self
+
+
+class EngineCommand(_Frozen):
+    """How to run one engine binary, from its own environment (fleetd never imports it)."""
+
+    command: tuple[str, ...] = Field(
+        min_length=1, description="argv prefix, e.g. ['/opt/vllm/bin/vllm'] or ['ollama']."
+    )
+    ports: PortRange
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment for every worker of this engine."
+    )
+
+
+class EnginesSpec(_Frozen):
+    """Commands for each engine."""
+
+    vllm: EngineCommand = Field(
+        default_factory=lambda: EngineCommand(
+            command=("vllm",), ports=PortRange(first=18100, last=18199)
+        )
+    )
+    ollama: EngineCommand = Field(
+        default_factory=lambda: EngineCommand(
+            command=("ollama",), ports=PortRange(first=18200, last=18263)
+        )
+    )
+
+
+class DaemonSpec(_Frozen):
+    """Where fleetd keeps its state and logs."""
+
+    state_dir: Path = Field(
+        Path("/var/lib/fleetd"),
+        description="Worker records and operator overrides (systemd StateDirectory).",
+    )
+    log_dir: Path = Field(
+        Path("/var/log/fleetd"),
+        description="Per-worker engine logs (systemd LogsDirectory).",
+    )
+    log_format: Literal["auto", "console", "json"] = Field(
+        "auto", description="auto: human-readable on a terminal, JSON lines otherwise."
+    )
+    on_exit: Literal["stop", "leave"] = Field(
+        "stop",
+        description="On SIGTERM: stop the workers, or leave them running for the next fleetd "
+        "to adopt (used for upgrades without reloading models).",
+    )
+    resync_interval_s: float = Field(
+        30.0, gt=0, description="Periodic full reconcile, on top of event-driven ones."
+    )
+
+
+class ControlSpec(_Frozen):
+    """The local control socket used by fleetctl."""
+
+    socket_path: Path = Field(Path("/run/fleetd/control.sock"))
+    socket_mode: str = Field("0660", description="Octal file mode of the socket.")
+    socket_group: str | None = Field(
+        None, description="Group owning the socket; operators in it may use fleetctl."
+    )
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _octal(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError("must be an octal mode such as '0660'")
+        return value
+
+
+class GatewaySpec(_Frozen):
+    """The OpenAI-compatible endpoint in front of the fleet."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean it.")
+    port: int = Field(8000, ge=1, le=65535)
+    default_model: str | None = Field(
+        None, description='Model used for `model="auto"` requests no rule matches.'
+    )
+
+
+class AlertHook(_Frozen):
+    """One alert destination."""
+
+    kind: Literal["exec", "webhook"]
+    target: str = Field(min_length=1, description="Command path (exec) or URL (webhook).")
+    events: tuple[str, ...] = Field(
+        ("*",), description="Event kinds that fire this hook, e.g. 'gpu.lost'; '*' for all."
+    )
+
+
+class AlertsSpec(_Frozen):
+    """Alert hooks fired on events."""
+
+    hooks: tuple[AlertHook, ...] = ()
+
+
+class SimGpu(_Frozen):
+    """One GPU of the simulated host."""
+
+    name: str = "Simulated GPU"
+    total_mib: int = Field(gt=0, le=1024 * 1024)
+    reserved_mib: int = Field(0, ge=0)
+
+
+class SimulationSpec(_Frozen):
+    """The simulated host used by `fleetd demo` and `fleetd plan --simulate`."""
+
+    gpus: tuple[SimGpu, ...] = Field(
+        (
+            SimGpu(name="NVIDIA GeForce RTX 4070 Ti SUPER", total_mib=16384),
+            SimGpu(name="NVIDIA GeForce RTX 4070 Ti SUPER", total_mib=16384),
+        ),
+        min_length=1,
+    )
+
+
+class FleetConfig(_Frozen):
+    """The whole of fleetd.toml."""
+
+    daemon: DaemonSpec = Field(default_factory=DaemonSpec)
+    control: ControlSpec = Field(default_factory=ControlSpec)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    engines: EnginesSpec = Field(default_factory=EnginesSpec)
+    gpus: GpusSpec = Field(default_factory=GpusSpec)
+    alerts: AlertsSpec = Field(default_factory=AlertsSpec)
+    simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+    models: tuple[ModelSpec, ...] = ()
+
+    def model_named(self, name: str) -> ModelSpec | None:
+        """The model deployment called ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+
+# Keys the schema accepts that this version does not act on yet. `fleetd check-config`
+# prints them, so no key does nothing without saying so.
+NOT_YET_ACTIVE: dict[str, str] = {
+    "gateway": "the gateway is not built yet; [gateway] is validated but not served",
+    "alerts": "alert hooks are not built yet; [alerts] is validated but nothing fires",
+    "control": "the control socket is not built yet; [control] is validated only",
+}
+
+
+def cross_check(cfg: FleetConfig) -> list[config_errors.Problem]:
+    """Checks that span several keys; each problem names the key path it is about."""
+    problems: list[config_errors.Problem] = []
+    add = problems.append
+    # Every name a client may send (name, served_name, aliases) must pick exactly one model.
+    owners: dict[str, int] = {}
+    for i, model in enumerate(cfg.models):
+        where = f"models[{i}]({model.name})"
+        claims = [(f"{where}.name", model.name)]
+        if model.served_name is not None and model.served_name != model.name:
+            claims.append((f"{where}.served_name", model.served_name))
+        claims.extend((f"{where}.aliases[{j}]", alias) for j, alias in enumerate(model.aliases))
+        for path, key in claims:
+            owner = owners.setdefault(key, i)
+            if owner != i:
+                add(
+                    config_errors.Problem(
+                        path, key, f"already used by models[{owner}]({cfg.models[owner].name})"
+                    )
+                )
+    by_name = {m.name: m for m in cfg.models}
+    for i, model in enumerate(cfg.models):
+        where = f"models[{i}]({model.name})"
+        for j, fb in enumerate(model.fallbacks):
+            if fb not in by_name:
+                add(
+                    config_errors.Problem(
+                        f"{where}.fallbacks[{j}]",
+                        fb,
+                        f"no model is named {fb!r}; known: {', '.join(sorted(by_name))}",
+                    )
+                )
+        if cfg.gpus.expected_count is not None:
+            for key in ("allowed_gpus", "preferred_gpus"):
+                for j, ref in enumerate(getattr(model, key)):
+                    if isinstance(ref, int) and ref >= cfg.gpus.expected_count:
+                        add(
+                            config_errors.Problem(
+                                f"{where}.{key}[{j}]",
+                                ref,
+                                f"gpus.expected_count is {cfg.gpus.expected_count}, so GPU "
+                                f"indices run 0-{cfg.gpus.expected_count - 1}",
+                            )
+                        )
+        if model.allowed_gpus:
+            for j, ref in enumerate(model.preferred_gpus):
+                if ref not in model.allowed_gpus:
+                    add(
+                        config_errors.Problem(
+                            f"{where}.preferred_gpus[{j}]", ref, "is not in allowed_gpus"
+                        )
+                    )
+    first = cfg.engines.vllm.ports
+    second = cfg.engines.ollama.ports
+    if first.first <= second.last and second.first <= first.last:
+        add(
+            config_errors.Problem(
+                "engines.ollama.ports",
+                f"{second.first}-{second.last}",
+                f"overlaps engines.vllm.ports {first.first}-{first.last}",
+            )
+        )
+    for name, rng in (("vllm", first), ("ollama", second)):
+        if rng.first <= cfg.gateway.port <= rng.last:
+            add(
+                config_errors.Problem(
+                    "gateway.port",
+                    cfg.gateway.port,
+                    f"lies inside engines.{name}.ports {rng.first}-{rng.last}",
+                )
+            )
+    if cfg.gateway.default_model is not None and cfg.gateway.default_model not in by_name:
+        add(
+            config_errors.Problem(
+                "gateway.default_model",
+                cfg.gateway.default_model,
+                f"no model is named so; known: {', '.join(sorted(by_name)) or '(none)'}",
+            )
+        )
+    seen_gpus: set[int | str] = set()
+    for i, dev in enumerate(cfg.gpus.device):
+        if dev.gpu in seen_gpus:
+            add(config_errors.Problem(f"gpus.device[{i}].gpu", dev.gpu, "listed twice"))
+        seen_gpus.add(dev.gpu)
+        count = cfg.gpus.expected_count
+        if count is not None and isinstance(dev.gpu, int) and dev.gpu >= count:
+            add(
+                config_errors.Problem(
+                    f"gpus.device[{i}].gpu",
+                    dev.gpu,
+                    f"gpus.expected_count is {count}, so GPU indices run 0-{count - 1}",
+                )
+            )
+    return problems
+
+
+def parse_config(doc: dict[str, Any], *, source: str = "<config>") -> FleetConfig:
+    """Validate a parsed TOML document; raise ConfigError listing every problem found."""
+    try:
+        cfg = FleetConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(source, config_errors.from_pydantic(exc, doc)) from None
+    problems = cross_check(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: Path) -> FleetConfig:
+    """Read and validate fleetd.toml; the only I/O in this module."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            str(path), [config_errors.Problem("", str(path), "file not found")]
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            str(path), [config_errors.Problem("", str(path), f"cannot read: {exc.strerror}")]
+        ) from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path),
+            [config_errors.Problem("", f"byte {exc.start}", "file is not valid UTF-8")],
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            str(path), [config_errors.Problem("", "", f"not valid TOML: {exc}")]
+        ) from None
+    return parse_config(doc, source=str(path))
