@@ -1,0 +1,1 @@
+"""Pure planning: placement of model replicas on GPUs (no I/O, deterministic)."""
