@@ -1,0 +1,1 @@
+"""Command-line entry points: ``fleetd`` (the daemon's own commands)."""
