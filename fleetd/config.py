@@ -14,7 +14,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fleetd import config_errors
 from fleetd.errors import ConfigError
@@ -94,7 +102,14 @@ class HealthSpec(_Frozen):
     stop_grace_s: float = Field(
         30.0,
         ge=0,
-        description="Seconds between SIGTERM and SIGKILL to the worker's process group.",
+        description="Seconds between SIGTERM and SIGKILL to the worker's process group. "
+        "vLLM gets --shutdown-timeout of this minus 10 s to finish in-flight requests.",
+    )
+    drain_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="Before a planned stop, seconds to wait for in-flight requests to finish "
+        "(the engine reports none running) before SIGTERM.",
     )
     backoff_initial_s: float = Field(2.0, gt=0, description="First restart delay after a crash.")
     backoff_max_s: float = Field(120.0, gt=0, description="Cap on the restart delay.")
@@ -200,30 +215,43 @@ class ModelSpec(_Frozen):
             raise ValueError("lists a GPU twice")
         return value
 
-    @model_validator(mode="after")
-    def _engine_rules(self) -> Self:
-        problems: list[str] = []
-        if self.engine is Engine.VLLM:
-            problems.extend(
-                f"engine_args sets {arg.split('=', 1)[0]}, which fleetd sets itself; "
-                f"remove it (use max_model_len / vram_gib instead where relevant)"
-                for arg in self.engine_args
-                if arg.split("=", 1)[0] in VLLM_RESERVED_FLAGS
+    # Engine-specific keys are checked per key (not per model) so each problem names its key
+    # and is reported even when other keys of the model are wrong too. ``engine`` is declared
+    # before them, so ``info.data`` has it when it was valid.
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        engine = info.data.get("engine")
+        if engine is Engine.OLLAMA and value:
+            raise ValueError("applies to vLLM models only; Ollama takes models by tag")
+        taken = [a.split("=", 1)[0] for a in value if a.split("=", 1)[0] in VLLM_RESERVED_FLAGS]
+        if engine is Engine.VLLM and taken:
+            raise ValueError(
+                f"sets {', '.join(taken)}, which fleetd sets itself; remove it "
+                "(use max_model_len / vram_gib instead where relevant)"
             )
-            if self.size_gib is not None:
-                problems.append("size_gib (partial offload) applies to Ollama models only")
-        else:
-            if self.max_model_len is not None:
-                problems.append("max_model_len applies to vLLM models only")
-            if self.engine_args:
-                problems.append(
-                    "engine_args applies to vLLM models only; Ollama takes models by tag"
-                )
-        if self.name in self.fallbacks:
-            problems.append("fallbacks lists the model itself")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return value
+
+    @field_validator("size_gib")
+    @classmethod
+    def _size_for_ollama(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("engine") is Engine.VLLM:
+            raise ValueError("partial offload applies to Ollama models only")
+        return value
+
+    @field_validator("max_model_len")
+    @classmethod
+    def _len_for_vllm(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("engine") is Engine.OLLAMA:
+            raise ValueError("applies to vLLM models only")
+        return value
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _not_itself(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("name") in value:
+            raise ValueError("lists the model itself")
+        return value
 
     @property
     def served(self) -> str:
@@ -295,6 +323,11 @@ class EngineCommand(_Frozen):
     ports: PortRange
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment for every worker of this engine."
+    )
+    shutdown_timeout: bool = Field(
+        default=True,
+        description="vLLM only: pass --shutdown-timeout so SIGTERM drains in-flight requests "
+        "(vLLM >= 0.32). Set false for older vLLM, which rejects the flag.",
     )
 
 
@@ -427,11 +460,26 @@ NOT_YET_ACTIVE: dict[str, str] = {
 }
 
 
-def cross_check(cfg: FleetConfig) -> list[config_errors.Problem]:
+Problems = list[config_errors.Problem]
+
+
+def cross_check(cfg: FleetConfig) -> Problems:
     """Checks that span several keys; each problem names the key path it is about."""
-    problems: list[config_errors.Problem] = []
-    add = problems.append
-    # Every name a client may send (name, served_name, aliases) must pick exactly one model.
+    return [
+        *_check_names(cfg),
+        *_check_model_refs(cfg),
+        *_check_ports(cfg),
+        *_check_gpu_overrides(cfg),
+    ]
+
+
+def _index_range(count: int) -> str:
+    return f"gpus.expected_count is {count}, so GPU indices run 0-{count - 1}"
+
+
+def _check_names(cfg: FleetConfig) -> Problems:
+    """Every name a client may send (name, served_name, aliases) picks exactly one model."""
+    problems: Problems = []
     owners: dict[str, int] = {}
     for i, model in enumerate(cfg.models):
         where = f"models[{i}]({model.name})"
@@ -442,83 +490,88 @@ def cross_check(cfg: FleetConfig) -> list[config_errors.Problem]:
         for path, key in claims:
             owner = owners.setdefault(key, i)
             if owner != i:
-                add(
+                problems.append(
                     config_errors.Problem(
                         path, key, f"already used by models[{owner}]({cfg.models[owner].name})"
                     )
                 )
+    return problems
+
+
+def _check_model_refs(cfg: FleetConfig) -> Problems:
+    """Fallbacks name real models; GPU references fit the expected GPU count."""
+    problems: Problems = []
     by_name = {m.name: m for m in cfg.models}
+    known = ", ".join(sorted(by_name)) or "(none)"
+    count = cfg.gpus.expected_count
     for i, model in enumerate(cfg.models):
         where = f"models[{i}]({model.name})"
-        for j, fb in enumerate(model.fallbacks):
-            if fb not in by_name:
-                add(
-                    config_errors.Problem(
-                        f"{where}.fallbacks[{j}]",
-                        fb,
-                        f"no model is named {fb!r}; known: {', '.join(sorted(by_name))}",
-                    )
-                )
-        if cfg.gpus.expected_count is not None:
-            for key in ("allowed_gpus", "preferred_gpus"):
-                for j, ref in enumerate(getattr(model, key)):
-                    if isinstance(ref, int) and ref >= cfg.gpus.expected_count:
-                        add(
-                            config_errors.Problem(
-                                f"{where}.{key}[{j}]",
-                                ref,
-                                f"gpus.expected_count is {cfg.gpus.expected_count}, so GPU "
-                                f"indices run 0-{cfg.gpus.expected_count - 1}",
-                            )
-                        )
+        problems.extend(
+            config_errors.Problem(
+                f"{where}.fallbacks[{j}]", fb, f"no model is named {fb!r}; known: {known}"
+            )
+            for j, fb in enumerate(model.fallbacks)
+            if fb not in by_name
+        )
+        for key in ("allowed_gpus", "preferred_gpus"):
+            problems.extend(
+                config_errors.Problem(f"{where}.{key}[{j}]", ref, _index_range(count))
+                for j, ref in enumerate(getattr(model, key))
+                if count is not None and isinstance(ref, int) and ref >= count
+            )
         if model.allowed_gpus:
-            for j, ref in enumerate(model.preferred_gpus):
-                if ref not in model.allowed_gpus:
-                    add(
-                        config_errors.Problem(
-                            f"{where}.preferred_gpus[{j}]", ref, "is not in allowed_gpus"
-                        )
-                    )
+            problems.extend(
+                config_errors.Problem(f"{where}.preferred_gpus[{j}]", ref, "is not in allowed_gpus")
+                for j, ref in enumerate(model.preferred_gpus)
+                if ref not in model.allowed_gpus
+            )
+    default = cfg.gateway.default_model
+    if default is not None and default not in by_name:
+        problems.append(
+            config_errors.Problem(
+                "gateway.default_model", default, f"no model is named so; known: {known}"
+            )
+        )
+    return problems
+
+
+def _check_ports(cfg: FleetConfig) -> Problems:
+    """Engine port ranges do not overlap each other or the gateway's port."""
+    problems: Problems = []
     first = cfg.engines.vllm.ports
     second = cfg.engines.ollama.ports
     if first.first <= second.last and second.first <= first.last:
-        add(
+        problems.append(
             config_errors.Problem(
                 "engines.ollama.ports",
                 f"{second.first}-{second.last}",
                 f"overlaps engines.vllm.ports {first.first}-{first.last}",
             )
         )
-    for name, rng in (("vllm", first), ("ollama", second)):
-        if rng.first <= cfg.gateway.port <= rng.last:
-            add(
-                config_errors.Problem(
-                    "gateway.port",
-                    cfg.gateway.port,
-                    f"lies inside engines.{name}.ports {rng.first}-{rng.last}",
-                )
-            )
-    if cfg.gateway.default_model is not None and cfg.gateway.default_model not in by_name:
-        add(
-            config_errors.Problem(
-                "gateway.default_model",
-                cfg.gateway.default_model,
-                f"no model is named so; known: {', '.join(sorted(by_name)) or '(none)'}",
-            )
+    problems.extend(
+        config_errors.Problem(
+            "gateway.port",
+            cfg.gateway.port,
+            f"lies inside engines.{name}.ports {rng.first}-{rng.last}",
         )
-    seen_gpus: set[int | str] = set()
+        for name, rng in (("vllm", first), ("ollama", second))
+        if rng.first <= cfg.gateway.port <= rng.last
+    )
+    return problems
+
+
+def _check_gpu_overrides(cfg: FleetConfig) -> Problems:
+    """[[gpus.device]] entries name each GPU once and within the expected count."""
+    problems: Problems = []
+    seen: set[int | str] = set()
+    count = cfg.gpus.expected_count
     for i, dev in enumerate(cfg.gpus.device):
-        if dev.gpu in seen_gpus:
-            add(config_errors.Problem(f"gpus.device[{i}].gpu", dev.gpu, "listed twice"))
-        seen_gpus.add(dev.gpu)
-        count = cfg.gpus.expected_count
+        if dev.gpu in seen:
+            problems.append(config_errors.Problem(f"gpus.device[{i}].gpu", dev.gpu, "listed twice"))
+        seen.add(dev.gpu)
         if count is not None and isinstance(dev.gpu, int) and dev.gpu >= count:
-            add(
-                config_errors.Problem(
-                    f"gpus.device[{i}].gpu",
-                    dev.gpu,
-                    f"gpus.expected_count is {count}, so GPU indices run 0-{count - 1}",
-                )
+            problems.append(
+                config_errors.Problem(f"gpus.device[{i}].gpu", dev.gpu, _index_range(count))
             )
     return problems
 
