@@ -44,6 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and report every problem")
     check.add_argument("config", type=Path, help="path to fleetd.toml")
 
+    run = sub.add_parser("run", help="run the daemon against this host's GPUs (NVML)")
+    run.add_argument("--config", type=Path, required=True, help="path to fleetd.toml")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the example fleet on a simulated 2-GPU host with emulated engines",
+        description="Everything on loopback, no GPU needed: the example config's models run "
+        "as emulated vLLM and Ollama engines on the simulated host of its [simulation] table.",
+    )
+    demo.add_argument("--config", type=Path, default=None, help="default: the example config")
+    demo.add_argument(
+        "--dir", type=Path, default=None, help="working directory (default: $TMPDIR/fleetd-demo)"
+    )
+    demo.add_argument(
+        "--load-s", type=float, default=3.0, help="emulated model load time (default 3 s)"
+    )
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+
     plan = sub.add_parser(
         "plan",
         help="print where each model replica would run, and why the rest cannot",
@@ -113,6 +131,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check_config(args.config)
     if args.command == "plan":
         return asyncio.run(_plan(args))
+    if args.command in ("run", "demo"):
+        from fleetd.cli import run_cmd  # noqa: PLC0415 - the daemon's imports only when needed
+
+        return run_cmd.main(args)
     raise AssertionError(args.command)  # argparse only lets known commands through
 
 

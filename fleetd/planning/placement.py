@@ -152,22 +152,26 @@ def _build_gpus(
     current: Sequence[CurrentReplica],
     budgets: Mapping[str, int],
     reserved_mib: Mapping[str, int],
+    releasing_pids: frozenset[int],
 ) -> list[_Gpu]:
-    our_pids = frozenset().union(*(c.pids for c in current))
+    our_pids = frozenset().union(*(c.pids for c in current)) - releasing_pids
     gpus = []
     for snap in sorted(host.gpus, key=lambda g: g.index):
         ours_actual = sum(p.used_mib or 0 for p in snap.processes if p.pid in our_pids)
-        foreign = tuple(p for p in snap.processes if p.pid not in our_pids)
+        releasing = sum(p.used_mib or 0 for p in snap.processes if p.pid in releasing_pids)
+        foreign = tuple(
+            p for p in snap.processes if p.pid not in our_pids and p.pid not in releasing_pids
+        )
         listed = sum(p.used_mib or 0 for p in snap.processes)
         kept_budgets = sum(budgets.get(c.model, 0) for c in current if c.gpu_uuid == snap.uuid)
         gpus.append(
             _Gpu(
                 snap=snap,
                 usable_mib=max(0, snap.usable_mib - reserved_mib.get(snap.uuid, 0)),
-                foreign_mib=max(0, snap.used_mib - ours_actual),
+                foreign_mib=max(0, snap.used_mib - ours_actual - releasing),
                 over_budget_mib=max(0, ours_actual - kept_budgets),
                 foreign=foreign,
-                unattributed_mib=max(0, snap.used_mib - listed),
+                unattributed_mib=max(0, snap.used_mib - listed),  # counted in foreign_mib
                 cordoned=snap.uuid in overrides.cordoned,
                 drained=snap.uuid in overrides.drained,
             )
@@ -182,15 +186,18 @@ def plan(
     overrides: Overrides | None = None,
     current: Sequence[CurrentReplica] = (),
     reserved_mib: Mapping[str, int] | None = None,
+    releasing_pids: frozenset[int] = frozenset(),
 ) -> Plan:
     """Place every wanted replica of ``models`` on ``host``'s GPUs.
 
     ``current`` lists the replicas that exist now (for stability and to tell our processes
-    from foreign ones); ``reserved_mib`` maps GPU UUIDs to memory the config keeps back.
+    from foreign ones); ``reserved_mib`` maps GPU UUIDs to memory the config keeps back;
+    ``releasing_pids`` are our processes being stopped: their memory counts as free (the
+    workers that need it wait for it before they start).
     """
     overrides = overrides or Overrides()
     budgets = {m.name: m.budget_mib for m in models}
-    gpus = _build_gpus(host, overrides, current, budgets, reserved_mib or {})
+    gpus = _build_gpus(host, overrides, current, budgets, reserved_mib or {}, releasing_pids)
     requests = sorted(
         (
             _Request(spec, i)
@@ -283,15 +290,11 @@ def _unwanted_stops(
             )
         elif cur.replica >= (wanted := overrides.replicas.get(cur.model, spec.replicas)):
             detail = f"scaled to {wanted} replica{'s' if wanted != 1 else ''}"
-            stops.append(
-                Stop(cur.model, cur.replica, cur.gpu_uuid, StopCause.SCALED_DOWN, detail)
-            )
+            stops.append(Stop(cur.model, cur.replica, cur.gpu_uuid, StopCause.SCALED_DOWN, detail))
     return stops
 
 
-def _displaced_stops(
-    requests: Sequence[_Request], placements: Sequence[Placement]
-) -> list[Stop]:
+def _displaced_stops(requests: Sequence[_Request], placements: Sequence[Placement]) -> list[Stop]:
     """Wanted replicas that run now but not where the plan puts them (or nowhere)."""
     placed = {p.key: p for p in placements}
     stops = []

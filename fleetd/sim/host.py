@@ -108,6 +108,18 @@ class SimHost:
         return cls(root)
 
     @classmethod
+    def open_or_create(cls, root: Path, gpus: list[tuple[str, int, int]]) -> SimHost:
+        """Reuse a host whose GPUs match (live claims kept, so engines can be adopted)."""
+        host = cls(root)
+        try:
+            existing = [(g.name, g.total_mib, g.reserved_mib) for g in host.gpus()]
+        except SimHostError:
+            existing = []
+        if existing == gpus and (root / "claims").is_dir():
+            return host
+        return cls.create(root, gpus)
+
+    @classmethod
     def from_env(cls) -> SimHost:
         """The host named by $FLEETD_SIM_DIR (how emulated engines find their 'driver')."""
         value = os.environ.get(ENV_SIM_DIR)

@@ -14,7 +14,6 @@ from fleetd.model.gpu import GpuEventKind, GpuHealth
 from fleetd.sim.gpu import SimulatedGpuBackend
 from fleetd.sim.host import ENV_SIM_DIR, SimHost, SimHostError
 
-
 Hog = Callable[[str, int], "subprocess.Popen[str]"]
 
 

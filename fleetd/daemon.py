@@ -1,0 +1,193 @@
+"""The composition root: picks implementations, runs the task tree, shuts down in order.
+
+``run_daemon`` is the one place where real or simulated boundaries are chosen (GPU backend,
+launcher, engine commands). One asyncio TaskGroup holds the named tasks ``reconciler`` and
+``gpu-monitor``; the reconciler owns one task per worker. Signal handlers only record:
+SIGTERM/SIGINT ask for a stop (a second one forces it).
+
+Shutdown order: the reconciler stops planning (its task and the workers' owner tasks are
+cancelled), then the engines are stopped (or left running for the next fleetd, with
+``daemon.on_exit = "leave"``), then the GPU backend and the HTTP client close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from fleetd.obs.events import EventBus
+from fleetd.reconciler import Paths, Reconciler
+from fleetd.runtime.clock import LoopClock
+from fleetd.runtime.health import HttpProbe
+from fleetd.runtime.launcher import PosixLauncher
+from fleetd.state import WorkerRecords
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Mapping
+    from typing import Any
+
+    from fleetd.config import FleetConfig
+    from fleetd.model.gpu import GpuHealth
+    from fleetd.runtime.gpu import GpuBackend
+    from fleetd.runtime.launcher import Launcher
+
+_log = structlog.get_logger("fleetd.daemon")
+
+
+@dataclass
+class Daemon:
+    """Handles for whoever drives the daemon (the CLI, tests, the demo banner)."""
+
+    cfg: FleetConfig
+    bus: EventBus
+    reconciler: Reconciler
+    stop_requested: asyncio.Event
+    force: asyncio.Event
+
+    def request_stop(self) -> None:
+        """Ask for an orderly stop (a second request forces it)."""
+        if self.stop_requested.is_set():
+            self.force.set()
+        self.stop_requested.set()
+
+
+async def run_daemon(
+    cfg: FleetConfig,
+    *,
+    backend: GpuBackend,
+    launcher: Launcher | None = None,
+    engine_env: Mapping[str, str] | None = None,
+    on_started: Callable[[Daemon], Coroutine[Any, Any, None]] | None = None,
+    install_signals: bool = True,
+) -> int:
+    """Run until asked to stop; returns the process exit code."""
+    bus = EventBus()
+    probe = HttpProbe()
+    cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+    cfg.daemon.log_dir.mkdir(parents=True, exist_ok=True)
+    reconciler = Reconciler(
+        cfg,
+        backend=backend,
+        launcher=launcher or PosixLauncher(),
+        probe=probe,
+        clock=LoopClock(),
+        bus=bus,
+        paths=Paths(cfg.daemon.log_dir, WorkerRecords(cfg.daemon.state_dir)),
+        engine_env=dict(os.environ if engine_env is None else engine_env),
+    )
+    daemon = Daemon(cfg, bus, reconciler, asyncio.Event(), asyncio.Event())
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+    bus.emit(
+        "daemon.started",
+        f"fleetd started: {len(cfg.models)} model(s), GPUs via {backend.name}",
+        pid=os.getpid(),
+    )
+    code = await _run_tasks(daemon, backend, on_started)
+    if not await _shutdown(daemon, leave_running=cfg.daemon.on_exit == "leave"):
+        code = 1
+    await backend.aclose()
+    await probe.aclose()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    bus.emit("daemon.stopped", "fleetd stopped", exit_code=code)
+    return code
+
+
+async def _run_tasks(
+    daemon: Daemon,
+    backend: GpuBackend,
+    on_started: Callable[[Daemon], Coroutine[Any, Any, None]] | None,
+) -> int:
+    """The task tree, until a stop is requested (0) or a core task ends by itself (1)."""
+    code = 0
+    try:
+        async with asyncio.TaskGroup() as tg:
+            rec_task = tg.create_task(daemon.reconciler.run(), name="reconciler")
+            gpu_task = tg.create_task(
+                _gpu_monitor(backend, daemon.bus, daemon.reconciler), name="gpu-monitor"
+            )
+            stopper = tg.create_task(daemon.stop_requested.wait(), name="stop-wait")
+            tasks = [rec_task, gpu_task, stopper]
+            if on_started is not None:
+                tasks.append(tg.create_task(on_started(daemon), name="on-started"))
+            done, _ = await asyncio.wait(
+                {rec_task, gpu_task, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopper not in done:
+                code = 1  # a core task ended on its own: that is a bug, already logged
+            for task in tasks:
+                task.cancel()
+    except* Exception as group:  # noqa: BLE001 - the top of the tree: report, then shut down
+        for exc in group.exceptions:
+            daemon.bus.emit(
+                "daemon.task_failed", f"a daemon task failed: {type(exc).__name__}: {exc}"
+            )
+        code = 1
+    return code
+
+
+async def _shutdown(daemon: Daemon, *, leave_running: bool) -> bool:
+    """Stop (or leave) the engines within a deadline; a second signal cuts it short."""
+    daemon.bus.emit(
+        "daemon.stopping",
+        "stopping: " + ("leaving engines running" if leave_running else "stopping engines"),
+    )
+    try:
+        async with asyncio.timeout(_shutdown_budget_s(daemon.cfg)):
+            shutdown = asyncio.ensure_future(
+                daemon.reconciler.shutdown(leave_running=leave_running)
+            )
+            forced = asyncio.ensure_future(daemon.force.wait())
+            await asyncio.wait({shutdown, forced}, return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if not shutdown.done():
+                shutdown.cancel()
+                return False
+    except TimeoutError:
+        daemon.bus.emit("daemon.shutdown_timeout", "shutdown took too long; exiting anyway")
+        return False
+    return True
+
+
+def _shutdown_budget_s(cfg: FleetConfig) -> float:
+    graces = [m.health.stop_grace_s for m in cfg.models] or [30.0]
+    return max(graces) + 30.0
+
+
+async def _gpu_monitor(backend: GpuBackend, bus: EventBus, reconciler: Reconciler) -> None:
+    """Turn driver events into fleetd events and reconcile passes; report health changes."""
+    health: dict[str, GpuHealth] = {}
+    while True:
+        events = await backend.wait_events(1.0)
+        for event in events:
+            bus.emit(
+                f"gpu.{event.kind.value}",
+                f"GPU {event.uuid}: {event.detail or event.kind.value}",
+                gpu_uuid=event.uuid,
+                xid=event.xid,
+            )
+        host = reconciler.host
+        if host is not None:
+            for gpu in host.gpus:
+                old = health.get(gpu.uuid)
+                if old is not None and old is not gpu.health:
+                    bus.emit(
+                        f"gpu.{gpu.health.value}",
+                        f"gpu{gpu.index} is {gpu.health.value}"
+                        + (f": {gpu.health_reason}" if gpu.health_reason else ""),
+                        gpu=gpu.index,
+                        gpu_uuid=gpu.uuid,
+                        was=old.value,
+                    )
+                health[gpu.uuid] = gpu.health
+        if events:
+            reconciler.kick()

@@ -1,0 +1,1 @@
+"""Observability: structured events (the spine), logging setup, later metrics and alerts."""

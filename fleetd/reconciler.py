@@ -1,0 +1,633 @@
+"""The reconcile loop: observe the GPUs, plan, and make the workers match the plan.
+
+Each pass takes a GPU snapshot, describes what runs now (``CurrentReplica``s with their
+process trees, so our memory is told from foreign memory), asks the pure planner for the
+plan, then acts: stop what the plan stops, ensure what it places. Acting means *asking*
+workers (``ensure_running`` / ``ensure_stopped``); each worker's owner task does the work,
+so a long drain or load never blocks the loop. Passes run when something changed (a worker
+changed state, a GPU event, an operator command) and on a periodic resync.
+
+The reconciler is the only caller of ``fleetd.planning``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import psutil
+import structlog
+
+from fleetd.config import Engine, FleetConfig, ModelSpec
+from fleetd.engines import ollama as ollama_adapter
+from fleetd.engines import vllm as vllm_adapter
+from fleetd.model.worker import RUNNING_STATES, StopReason, WorkerState, WorkerStatus
+from fleetd.ollama_slot import OllamaSlot
+from fleetd.planning import placement
+from fleetd.planning.types import CurrentReplica, Overrides, Plan, StopCause
+from fleetd.runtime.health import HttpProbe, ProbeResult
+from fleetd.state import WorkerRecord, WorkerRecords, safe_key
+from fleetd.supervisor import GpuGate, ProcessWorker, WorkerSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from fleetd.model.gpu import GpuSnapshot, HostSnapshot
+    from fleetd.obs.events import EventBus
+    from fleetd.runtime.clock import Clock
+    from fleetd.runtime.gpu import GpuBackend
+    from fleetd.runtime.launcher import Launcher, ProcessHandle
+
+_log = structlog.get_logger("fleetd.reconciler")
+
+_STOP_REASONS = {
+    StopCause.SCALED_DOWN: StopReason.DESIRED_REMOVED,
+    StopCause.REMOVED: StopReason.DESIRED_REMOVED,
+    StopCause.PREEMPTED: StopReason.PREEMPTED,
+    StopCause.GPU_UNUSABLE: StopReason.GPU_UNUSABLE,
+    StopCause.MOVED: StopReason.MOVED,
+    StopCause.NO_ROOM: StopReason.PREEMPTED,
+}
+
+ReplicaKey = tuple[str, int, str]  # (model, replica, gpu uuid)
+
+
+class VllmChecks:
+    """Readiness and liveness of one ``vllm serve``."""
+
+    def __init__(self, probe: HttpProbe, base_url: str, served: str, *, timeout_s: float) -> None:
+        self._probe = probe
+        self._base = base_url
+        self._served = served
+        self._timeout_s = timeout_s
+
+    async def ready(self) -> ProbeResult:
+        """/health 200 and the served name in /v1/models."""
+        health = await self._probe.get(
+            vllm_adapter.health_url(self._base), timeout_s=self._timeout_s
+        )
+        if not health.ok:
+            return health
+        models = await self._probe.get(
+            vllm_adapter.models_url(self._base), timeout_s=self._timeout_s, want_json=True
+        )
+        if models.ok and not vllm_adapter.serves(models.body, self._served):
+            return ProbeResult(ok=False, detail=f"{self._served!r} not in /v1/models")
+        return models
+
+    async def alive(self) -> ProbeResult:
+        """/health 200."""
+        return await self._probe.get(vllm_adapter.health_url(self._base), timeout_s=self._timeout_s)
+
+    async def idle(self) -> bool | None:
+        """vllm:num_requests_running == 0 (None when /metrics does not say)."""
+        url = vllm_adapter.metrics_url(self._base)
+        text = await self._probe.get_text(url, timeout_s=self._timeout_s)
+        if text is None:
+            return None
+        running = vllm_adapter.running_requests(text)
+        return None if running is None else running == 0
+
+
+class OllamaChecks:
+    """Readiness and liveness of one ``ollama serve``."""
+
+    def __init__(self, probe: HttpProbe, base_url: str, *, timeout_s: float) -> None:
+        self._probe = probe
+        self._url = ollama_adapter.health_url(base_url)
+        self._timeout_s = timeout_s
+
+    async def ready(self) -> ProbeResult:
+        """GET / answers 200."""
+        return await self._probe.get(self._url, timeout_s=self._timeout_s)
+
+    async def alive(self) -> ProbeResult:
+        """GET / answers 200."""
+        return await self._probe.get(self._url, timeout_s=self._timeout_s)
+
+    async def idle(self) -> bool | None:
+        """Ollama drains its own models on unload; the server itself has nothing to wait for."""
+        return True
+
+
+@dataclass
+class Paths:
+    """Where workers' logs and records go."""
+
+    log_dir: Path
+    records: WorkerRecords
+
+
+@dataclass
+class _Ollama:
+    serve: ProcessWorker
+    slots: dict[ReplicaKey, OllamaSlot] = field(default_factory=dict)
+
+
+class Reconciler:
+    """Owns every worker and slot and their tasks; makes them match the plan."""
+
+    def __init__(  # noqa: PLR0913 - the composition root passes each boundary by name
+        self,
+        cfg: FleetConfig,
+        *,
+        backend: GpuBackend,
+        launcher: Launcher,
+        probe: HttpProbe,
+        clock: Clock,
+        bus: EventBus,
+        paths: Paths,
+        engine_env: Mapping[str, str],
+        overrides: Overrides | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.overrides = overrides or Overrides()
+        self._backend = backend
+        self._launcher = launcher
+        self._probe = probe
+        self._clock = clock
+        self._bus = bus
+        self._paths = paths
+        self._engine_env = dict(engine_env)
+        self._vllm: dict[ReplicaKey, ProcessWorker] = {}
+        self._ollama: dict[str, _Ollama] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._gates: dict[str, GpuGate] = {}
+        self._kick = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._over_budget: set[str] = set()
+        self.host: HostSnapshot | None = None
+        self.plan: Plan | None = None
+        self.passes = 0
+        self.passed = asyncio.Condition()
+
+    # -- public ---------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Ask for a reconcile pass soon (cheap; passes coalesce)."""
+        self._kick.set()
+
+    def workers(self) -> list[WorkerStatus]:
+        """Every worker and Ollama model slot, for status displays and the gateway."""
+        out = [w.status() for w in self._vllm.values()]
+        for group in self._ollama.values():
+            out.append(group.serve.status())
+            out.extend(slot.status() for slot in group.slots.values())
+        return sorted(out, key=lambda s: (s.gpu_index, s.name))
+
+    def vllm_worker(self, model: str, replica: int = 0) -> ProcessWorker | None:
+        """The live vLLM worker of a replica (the one that is wanted), if any."""
+        return next(
+            (w for (m, r, _), w in self._vllm.items() if m == model and r == replica and w.wanted),
+            None,
+        )
+
+    def ollama_slot(self, model: str, replica: int = 0) -> OllamaSlot | None:
+        """The Ollama slot of a replica (the wanted one), if any."""
+        for group in self._ollama.values():
+            for (m, r, _), slot in group.slots.items():
+                if m == model and r == replica and slot.wanted:
+                    return slot
+        return None
+
+    async def wait_passes(self, count: int = 1, *, timeout_s: float = 30.0) -> None:
+        """Wait until ``count`` more passes have completed (for tests and `--wait`)."""
+        target = self.passes + count
+        async with asyncio.timeout(timeout_s), self.passed:
+            await self.passed.wait_for(lambda: self.passes >= target)
+
+    async def run(self) -> None:
+        """The reconciler task: adopt what runs, then reconcile on every kick and resync."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            await self._adopt()
+            watcher = self._bus.subscribe()
+            tg.create_task(self._follow_events(watcher), name="reconciler-events")
+            while True:
+                try:
+                    await self.reconcile_once()
+                except Exception as exc:  # noqa: BLE001 - a loop boundary: log, count, go on
+                    self._bus.emit(
+                        "reconcile.error", f"reconcile pass failed: {type(exc).__name__}: {exc}"
+                    )
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.cfg.daemon.resync_interval_s):
+                        await self._kick.wait()
+                await asyncio.sleep(0.02)  # coalesce a burst of kicks into one pass
+
+    async def _follow_events(self, sub: object) -> None:
+        from fleetd.obs.events import Subscription  # noqa: PLC0415
+
+        assert isinstance(sub, Subscription)
+        async for event in sub:
+            if event.kind.startswith(("worker.", "gpu.")) and event.kind != "worker.over_budget":
+                self._kick.set()
+
+    async def reconcile_once(self) -> Plan:
+        """One pass: observe, plan, act."""
+        host = await self._backend.snapshot()
+        self.host = host
+        current, releasing = self._current()
+        plan = placement.plan(
+            self.cfg.models,
+            host,
+            overrides=self.overrides,
+            current=current,
+            reserved_mib=self._reserved(host),
+            releasing_pids=releasing,
+        )
+        self.plan = plan
+        for stop in plan.stops:
+            self._stop(stop.model, stop.replica, stop.gpu_uuid, _STOP_REASONS[stop.cause])
+        for place in plan.placements:
+            gpu = host.by_uuid(place.gpu_uuid)
+            spec = self.cfg.model_named(place.model)
+            if gpu is not None and spec is not None:
+                self._ensure(spec, place.replica, gpu)
+        self._collect_garbage()
+        self._check_budgets(host)
+        self.passes += 1
+        async with self.passed:
+            self.passed.notify_all()
+        return plan
+
+    async def shutdown(self, *, leave_running: bool) -> None:
+        """After the run task was cancelled: stop every engine (or leave them for adoption)."""
+        vllm = list(self._vllm.values())
+        serves = [g.serve for g in self._ollama.values()]
+        # vLLM workers first, in parallel; Ollama servers (and their models) after
+        await asyncio.gather(*(w.shutdown(leave_running=leave_running) for w in vllm))
+        await asyncio.gather(*(s.shutdown(leave_running=leave_running) for s in serves))
+
+    # -- observing ------------------------------------------------------------------------
+    def _current(self) -> tuple[list[CurrentReplica], frozenset[int]]:
+        current: list[CurrentReplica] = []
+        releasing: set[int] = set()
+        for (model, replica, gpu), worker in self._vllm.items():
+            pids = _tree(worker.handle)
+            if worker.wanted:
+                current.append(CurrentReplica(model, replica, gpu, pids))
+            else:
+                releasing |= pids
+        for gpu, group in self._ollama.items():
+            pids = _tree(group.serve.handle)
+            wanted = [(k, s) for k, s in group.slots.items() if s.wanted]
+            for (model, replica, _), _slot in wanted:
+                current.append(CurrentReplica(model, replica, gpu, pids))
+            if not wanted:
+                releasing |= pids
+        return current, frozenset(releasing)
+
+    def _reserved(self, host: HostSnapshot) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for dev in self.cfg.gpus.device:
+            for gpu in host.gpus:
+                if dev.gpu in (gpu.index, gpu.uuid):
+                    out[gpu.uuid] = dev.reserved_mib
+        return out
+
+    def _check_budgets(self, host: HostSnapshot) -> None:
+        """An event when a worker's processes hold more VRAM than its budget (edge-triggered)."""
+        for worker in self._vllm.values():
+            gpu = host.by_uuid(worker.spec.gpu_uuid)
+            pids = _tree(worker.handle)
+            if gpu is None or not pids:
+                continue
+            used = sum(p.used_mib or 0 for p in gpu.processes if p.pid in pids)
+            over = used > worker.spec.budget_mib
+            if over and worker.name not in self._over_budget:
+                self._bus.emit(
+                    "worker.over_budget",
+                    f"{worker.name}: holds {used} MiB on gpu{gpu.index}, budget "
+                    f"{worker.spec.budget_mib} MiB",
+                    worker=worker.name,
+                    used_mib=used,
+                    budget_mib=worker.spec.budget_mib,
+                )
+                self._over_budget.add(worker.name)
+            elif not over:
+                self._over_budget.discard(worker.name)
+
+    async def _free_on(self, uuid: str) -> tuple[int, str]:
+        """Free MiB on a GPU right now (config reservation included) and who holds the rest."""
+        host = await self._backend.snapshot()
+        gpu = host.by_uuid(uuid)
+        if gpu is None:
+            return 0, "GPU not found"
+        owners: dict[int, str] = {}
+        for worker in self._vllm.values():
+            for pid in _tree(worker.handle):
+                owners[pid] = worker.name
+        for group in self._ollama.values():
+            for pid in _tree(group.serve.handle):
+                owners[pid] = group.serve.name
+        holders = ", ".join(
+            f"pid {p.pid} {owners.get(p.pid, 'not ours')} {p.used_mib or 0} MiB"
+            for p in gpu.processes
+        )
+        reserved = self._reserved(host).get(uuid, 0)
+        return gpu.free_mib - reserved, holders or "nothing listed"
+
+    # -- acting ---------------------------------------------------------------------------
+    def _gate(self, uuid: str) -> GpuGate:
+        gate = self._gates.get(uuid)
+        if gate is None:
+            gate = GpuGate(asyncio.Lock(), lambda: self._free_on(uuid))
+            self._gates[uuid] = gate
+        return gate
+
+    def _start_task(self, owner: ProcessWorker | OllamaSlot) -> None:
+        assert self._tg is not None
+        self._tasks[id(owner)] = self._tg.create_task(owner.run(), name=f"worker:{owner.name}")
+
+    def _drop_task(self, owner: ProcessWorker | OllamaSlot) -> None:
+        task = self._tasks.pop(id(owner), None)
+        if task is not None:
+            task.cancel()
+
+    def _ensure(self, spec: ModelSpec, replica: int, gpu: GpuSnapshot) -> None:
+        key = (spec.name, replica, gpu.uuid)
+        if spec.engine is Engine.VLLM:
+            worker = self._vllm.get(key)
+            if worker is None:
+                worker = self._new_vllm(spec, replica, gpu)
+                self._vllm[key] = worker
+                self._start_task(worker)
+            worker.ensure_running()
+            return
+        group = self._ollama.get(gpu.uuid)
+        if group is None:
+            group = _Ollama(self._new_ollama_serve(gpu))
+            self._ollama[gpu.uuid] = group
+            self._start_task(group.serve)
+        group.serve.ensure_running()
+        slot = group.slots.get(key)
+        if slot is None:
+            slot = OllamaSlot(
+                spec,
+                replica,
+                serve=group.serve,
+                gate=self._gate(gpu.uuid),
+                probe=self._probe,
+                clock=self._clock,
+                bus=self._bus,
+            )
+            group.slots[key] = slot
+            self._start_task(slot)
+        slot.ensure_running()
+
+    def _stop(self, model: str, replica: int, gpu_uuid: str, reason: StopReason) -> None:
+        key = (model, replica, gpu_uuid)
+        worker = self._vllm.get(key)
+        if worker is not None and worker.wanted:
+            worker.ensure_stopped(reason)
+        group = self._ollama.get(gpu_uuid)
+        slot = group.slots.get(key) if group else None
+        if slot is not None and slot.wanted:
+            slot.ensure_stopped()
+
+    def _collect_garbage(self) -> None:
+        for key, worker in list(self._vllm.items()):
+            if (
+                not worker.wanted
+                and worker.handle is None
+                and worker.state
+                in (
+                    WorkerState.STOPPED,
+                    WorkerState.FAILED,
+                )
+            ):
+                self._drop_task(worker)
+                del self._vllm[key]
+        for uuid, group in list(self._ollama.items()):
+            for key, slot in list(group.slots.items()):
+                if not slot.wanted and slot.state in (WorkerState.STOPPED, WorkerState.FAILED):
+                    self._drop_task(slot)
+                    del group.slots[key]
+            if not group.slots:
+                if group.serve.wanted:
+                    group.serve.ensure_stopped(StopReason.DESIRED_REMOVED, drain=False)
+                elif group.serve.handle is None and group.serve.state not in RUNNING_STATES:
+                    self._drop_task(group.serve)
+                    del self._ollama[uuid]
+
+    # -- building workers ---------------------------------------------------------------------
+    def _used_ports(self) -> set[int]:
+        ports = {w.spec.port for w in self._vllm.values()}
+        ports |= {g.serve.spec.port for g in self._ollama.values()}
+        return ports
+
+    def _alloc_port(self, engine: Engine) -> int:
+        rng = (
+            self.cfg.engines.vllm.ports if engine is Engine.VLLM else self.cfg.engines.ollama.ports
+        )
+        used = self._used_ports()
+        for port in range(rng.first, rng.last + 1):
+            if port not in used and _port_free(port):
+                return port
+        raise RuntimeError(
+            f"no free port left in engines.{engine.value}.ports {rng.first}-{rng.last}"
+        )
+
+    def _new_vllm(
+        self, spec: ModelSpec, replica: int, gpu: GpuSnapshot, *, port: int | None = None
+    ) -> ProcessWorker:
+        engine = self.cfg.engines.vllm
+        port = port or self._alloc_port(Engine.VLLM)
+        grace = spec.health.stop_grace_s
+        launch = vllm_adapter.launch(
+            spec,
+            command=engine.command,
+            port=port,
+            gpu_index=gpu.index,
+            gpu_total_mib=gpu.total_mib,
+            base_env=self._engine_env,
+            engine_extra_env=engine.env,
+            shutdown_timeout_s=max(1, int(grace) - 10) if engine.shutdown_timeout else None,
+        )
+        name = spec.name if spec.replicas <= 1 and replica == 0 else f"{spec.name}#{replica}"
+        key = safe_key(f"vllm-{spec.name}-{replica}-{gpu.uuid}")
+        wspec = WorkerSpec(
+            name=name,
+            engine="vllm",
+            models=(spec.name,),
+            gpu_uuid=gpu.uuid,
+            gpu_index=gpu.index,
+            budget_mib=spec.budget_mib,
+            port=port,
+            argv=launch.argv,
+            env=launch.env,
+            log_path=self._paths.log_dir / f"{key}.log",
+            health=spec.health,
+            drain_timeout_s=spec.health.drain_timeout_s,
+        )
+        checks = VllmChecks(
+            self._probe, launch.base_url, spec.served, timeout_s=spec.health.probe_timeout_s
+        )
+        return self._worker(wspec, checks, key=key, model=spec.name, replica=replica)
+
+    def _new_ollama_serve(self, gpu: GpuSnapshot, *, port: int | None = None) -> ProcessWorker:
+        engine = self.cfg.engines.ollama
+        port = port or self._alloc_port(Engine.OLLAMA)
+        models_here = sum(1 for m in self.cfg.models if m.engine is Engine.OLLAMA)
+        launch = ollama_adapter.launch(
+            command=engine.command,
+            port=port,
+            gpu_uuid=gpu.uuid,
+            base_env=self._engine_env,
+            engine_extra_env=engine.env,
+            max_loaded_models=max(3, models_here + 1),
+        )
+        key = safe_key(f"ollama-{gpu.uuid}")
+        ollama_models = [m for m in self.cfg.models if m.engine is Engine.OLLAMA]
+        health = ollama_models[0].health if ollama_models else self.cfg.models[0].health
+        wspec = WorkerSpec(
+            name=f"ollama@gpu{gpu.index}",
+            engine="ollama",
+            models=(),
+            gpu_uuid=gpu.uuid,
+            gpu_index=gpu.index,
+            budget_mib=0,
+            port=port,
+            argv=launch.argv,
+            env=launch.env,
+            log_path=self._paths.log_dir / f"{key}.log",
+            health=health,
+        )
+        checks = OllamaChecks(self._probe, launch.base_url, timeout_s=health.probe_timeout_s)
+        return self._worker(wspec, checks, key=key, model=None, replica=0)
+
+    def _worker(
+        self,
+        wspec: WorkerSpec,
+        checks: VllmChecks | OllamaChecks,
+        *,
+        key: str,
+        model: str | None,
+        replica: int,
+    ) -> ProcessWorker:
+        records = self._paths.records
+
+        def on_spawn(worker: ProcessWorker, handle: ProcessHandle) -> None:
+            records.save(
+                WorkerRecord(
+                    key=key,
+                    name=worker.name,
+                    engine=wspec.engine,
+                    pid=handle.pid,
+                    create_time=handle.create_time,
+                    argv=list(wspec.argv),
+                    port=wspec.port,
+                    gpu_uuid=wspec.gpu_uuid,
+                    log_path=str(wspec.log_path),
+                    model=model,
+                    replica=replica,
+                )
+            )
+
+        return ProcessWorker(
+            wspec,
+            checks=checks,
+            launcher=self._launcher,
+            clock=self._clock,
+            bus=self._bus,
+            gate=self._gate(wspec.gpu_uuid),
+            on_spawn=on_spawn,
+            on_exit=lambda _w: records.remove(key),
+        )
+
+    # -- adoption ---------------------------------------------------------------------------
+    async def _adopt(self) -> None:
+        """Re-attach to engines a previous fleetd left running (records in the state dir)."""
+        records, problems = self._paths.records.load_all()
+        for text in problems:
+            self._bus.emit("state.record_unreadable", text)
+        if not records:
+            return
+        host = await self._backend.snapshot()
+        for rec in records:
+            gpu = host.by_uuid(rec.gpu_uuid)
+            handle = self._launcher.adopt(rec.pid, rec.create_time)
+            spec = self.cfg.model_named(rec.model) if rec.model else None
+            if handle is None or gpu is None or (rec.engine == "vllm" and spec is None):
+                await self._forget(rec, handle, gpu_gone=gpu is None)
+                continue
+            if rec.engine == "vllm" and spec is not None:
+                worker = self._new_vllm(spec, rec.replica, gpu, port=rec.port)
+                if list(worker.spec.argv) != rec.argv:
+                    # the config changed how this model runs: adopt it so it is stopped cleanly
+                    self._bus.emit(
+                        "worker.respec",
+                        f"{rec.name}: recorded command differs from the config; it will restart",
+                        worker=rec.name,
+                    )
+                worker.adopt(handle)
+                self._vllm[(spec.name, rec.replica, gpu.uuid)] = worker
+                self._start_task(worker)
+            else:
+                serve = self._new_ollama_serve(gpu, port=rec.port)
+                serve.adopt(handle)
+                self._ollama[gpu.uuid] = _Ollama(serve)
+                self._start_task(serve)
+            self._bus.emit(
+                "worker.adopted",
+                f"adopted {rec.name} (pid {rec.pid}, port {rec.port}) from the previous fleetd",
+                worker=rec.name,
+                pid=rec.pid,
+            )
+
+    async def _forget(
+        self, rec: WorkerRecord, handle: ProcessHandle | None, *, gpu_gone: bool
+    ) -> None:
+        why = (
+            "its process is gone"
+            if handle is None
+            else "its GPU is gone"
+            if gpu_gone
+            else "not configured"
+        )
+        # whatever is left in its process group (vLLM's orphaned EngineCore) holds VRAM: end it
+        from fleetd.runtime.launcher import group_members  # noqa: PLC0415
+
+        leftovers = group_members(rec.pid)
+        if handle is not None:
+            from fleetd.runtime.launcher import stop_group  # noqa: PLC0415
+
+            await stop_group(handle, grace_s=10.0)
+        elif leftovers:
+            import os  # noqa: PLC0415
+            import signal  # noqa: PLC0415
+
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(rec.pid, signal.SIGKILL)
+        self._paths.records.remove(rec.key)
+        self._bus.emit(
+            "worker.record_dropped",
+            f"dropped record of {rec.name} (pid {rec.pid}): {why}"
+            + (f"; killed leftover pids {leftovers}" if leftovers else ""),
+            worker=rec.name,
+        )
+
+
+def _tree(handle: ProcessHandle | None) -> frozenset[int]:
+    """The pids of a worker's process tree (the leader and its descendants)."""
+    if handle is None or handle.exited():
+        return frozenset()
+    try:
+        leader = psutil.Process(handle.pid)
+        return frozenset({handle.pid, *(c.pid for c in leader.children(recursive=True))})
+    except psutil.Error:
+        return frozenset()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
