@@ -439,7 +439,17 @@ class ProcessWorker(StateOwner):
         if self._state is not WorkerState.BACKOFF:
             await self._set_state(WorkerState.BACKOFF, reason, delay_s=round(delay, 2))
         self._reason = reason
-        await self._sleep_until_woken(delay)
+        # the reconciler's nudges (ensure_running) must not cut the backoff short: only a
+        # stop or an operator's restart does
+        deadline = self._clock.monotonic() + delay
+        while (left := deadline - self._clock.monotonic()) > 0:
+            await self._sleep_until_woken(left)
+            if self._interrupts_backoff():
+                break
+
+    def _interrupts_backoff(self) -> bool:
+        """A stop or an operator's restart ends a backoff early (a call: the flags change)."""
+        return self._want is Want.STOPPED or self._restart_requested
 
     async def _defer(self, why: str) -> None:
         """Not a failure: wait for the reconciler's next nudge (bounded) and try again."""

@@ -29,7 +29,7 @@ class SimulatedGpuBackend:
 
     name = "simulated"
 
-    def __init__(self, host: SimHost, *, poll_interval_s: float = 0.05) -> None:
+    def __init__(self, host: SimHost, *, poll_interval_s: float = 0.25) -> None:
         self.host = host
         self._offset = host.events_end()
         self._poll_interval_s = poll_interval_s

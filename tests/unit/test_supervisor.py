@@ -275,3 +275,19 @@ async def test_stop_while_starting_stops_the_process(world: World) -> None:
     await settle()
     assert now(world) is WorkerState.STOPPED
     assert proc.exited()
+
+
+async def test_nudges_do_not_cut_a_backoff_short(world: World) -> None:
+    """Regression: the reconciler calls ensure_running on every pass; backoff must hold."""
+    await start_ready(world)
+    world.checks.healthy = False
+    world.launcher.last.exit(1)
+    await settle()
+    assert now(world) is WorkerState.BACKOFF
+    for _ in range(5):
+        world.worker.ensure_running()
+        await world.clock.advance(0.3)  # 1.5 s in all: less than the 1.6 s minimum delay
+    assert now(world) is WorkerState.BACKOFF
+    assert len(world.launcher.spawned) == 1
+    await world.clock.advance(1.0)
+    assert now(world) is WorkerState.STARTING
