@@ -1,11 +1,16 @@
 # fleetd developer entry points. Every target sets up .venv itself (scripts/bootstrap.sh).
-.PHONY: demo test check lint types imports fmt setup plan
+.PHONY: demo test check lint types imports fmt setup plan bench
 
 setup:
 	@./scripts/bootstrap.sh
 
-# Quick start #1: fleetd's main job on the simulated host (no GPU needed).
+# Quick start #1: fleetd's main job, the example fleet on a simulated 2-GPU host (no GPU
+# needed): the plan, then the daemon supervising emulated engines until Ctrl-C.
 demo: setup
+	.venv/bin/fleetd plan etc/fleetd.toml --simulate
+	.venv/bin/fleetd demo $(DEMO_ARGS)
+
+plan: setup
 	.venv/bin/fleetd plan etc/fleetd.toml --simulate
 
 # Quick start #2: everything CI checks (lint, types, import layers, tests).
@@ -27,3 +32,6 @@ imports: setup
 fmt: setup
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+
+bench: setup
+	.venv/bin/python bench/restart.py

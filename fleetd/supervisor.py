@@ -370,10 +370,9 @@ class ProcessWorker(StateOwner):
                 handle, grace_s=self.spec.health.stop_grace_s, clock=self._clock
             )
         self._forget_process(outcome.orphans)
-        how = (
-            "killed after the grace period" if outcome.killed else f"exit code {outcome.exit_code}"
+        await self._set_state(
+            then, f"stopped ({reason}): {outcome.describe()}", stop_reason=reason.value
         )
-        await self._set_state(then, f"stopped ({reason}): {how}", stop_reason=reason.value)
 
     def _forget_process(self, orphans: tuple[int, ...] = ()) -> None:
         if orphans:

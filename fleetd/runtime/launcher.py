@@ -199,8 +199,16 @@ class StopOutcome:
     """What the stop ladder had to do."""
 
     exit_code: int | None
-    killed: bool  # SIGKILL was needed
-    orphans: tuple[int, ...]  # pids of the group still alive at the end (should be empty)
+    killed: bool  # the leader ignored SIGTERM for the whole grace period: SIGKILL
+    swept: tuple[int, ...]  # group members still alive after the leader exited, then killed
+    orphans: tuple[int, ...]  # pids of the group alive even after SIGKILL (should be empty)
+
+    def describe(self) -> str:
+        """Human summary, e.g. ``exit code 0; 2 leftover processes killed``."""
+        text = "killed after the grace period" if self.killed else f"exit code {self.exit_code}"
+        if self.swept:
+            text += f"; {len(self.swept)} leftover process(es) of its group killed"
+        return text
 
 
 async def stop_group(
@@ -223,12 +231,12 @@ async def stop_group(
         handle.signal_group(signal.SIGKILL)
     code = await exit_task
     # the leader is gone; children that ignored SIGTERM or were slow may linger in the group
-    survivors = handle.group_pids()
-    if survivors:
-        killed = True
+    swept = handle.group_pids()
+    orphans: list[int] = []
+    if swept:
         handle.signal_group(signal.SIGKILL)
-        survivors = await _wait_gone(survivors, timeout_s=5.0)
-    return StopOutcome(code, killed, tuple(survivors))
+        orphans = await _wait_gone(swept, timeout_s=5.0)
+    return StopOutcome(code, killed, tuple(swept), tuple(orphans))
 
 
 async def _wait_gone(pids: list[int], *, timeout_s: float) -> list[int]:

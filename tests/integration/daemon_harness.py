@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -43,11 +44,18 @@ FAST_HEALTH = {
 
 
 def fleet_toml(
-    root: Path, models: str, *, vllm_env: str = "", ports: int = 0, vllm_command: str = ""
+    root: Path,
+    models: str,
+    *,
+    vllm_env: str = "",
+    ports: int = 0,
+    vllm_command: str | list[str] = "",
 ) -> str:
     """A config for a test fleet: emulated engines, fast health settings, state under root."""
     python = sys.executable
-    vllm_argv = f'["{vllm_command}"]' if vllm_command else f'["{python}", "-m", "fleetd.sim.vllm"]'
+    if isinstance(vllm_command, str):
+        vllm_command = [vllm_command] if vllm_command else [python, "-m", "fleetd.sim.vllm"]
+    vllm_argv = json.dumps(vllm_command)
     health = "\n".join(f"{k} = {v}" for k, v in FAST_HEALTH.items())
     base = 20000 + (os.getpid() % 200) * 100 + ports
     return f"""
@@ -145,7 +153,13 @@ def _has(fleet: Fleet, name: str) -> bool:
 
 @contextlib.asynccontextmanager
 async def running_fleet(
-    root: Path, models: str, *, vllm_env: str = "", load_s: float = 0.3, **cfg_kw: Any
+    root: Path,
+    models: str,
+    *,
+    vllm_env: str = "",
+    load_s: float = 0.3,
+    engine_env: dict[str, str] | None = None,
+    **cfg_kw: Any,
 ) -> AsyncIterator[Fleet]:
     """Start the daemon on a fresh simulated host; stop it (and check nothing is left)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -166,7 +180,7 @@ async def running_fleet(
     async def on_started(daemon: Daemon) -> None:
         started.set_result(daemon)
 
-    task = asyncio.create_task(
+    task = asyncio.create_task(  # noqa: RUF006 - awaited in finally
         run_daemon(
             cfg,
             backend=SimulatedGpuBackend(host),

@@ -86,16 +86,16 @@ def test_example_loads_with_the_numbers_it_states() -> None:
     assert {n: m.budget_mib for n, m in by_name.items()} == {
         "mimo-vl": 16384,
         "deepcoder:14b": 9728,  # 9.0 + 0.5 GiB
-        "qwen2.5vl:3b": 3789,  # 3.7 GiB = 3788.8 MiB, rounded up
+        "qwen2.5vl:3b": 3584,  # 3.2 + 0.3 GiB
         "deepseek-r1:32b": 5632,  # 5.0 + 0.5 GiB
-        "mixtral:8x22b": 2560,  # 2.0 + 0.5 GiB
+        "mixtral:8x22b": 2970,  # 1.4 + 1.5 = 2.9 GiB = 2969.6 MiB, rounded up
     }
     assert {n: m.offloaded_mib for n, m in by_name.items()} == {
         "mimo-vl": 0,
         "deepcoder:14b": 0,
         "qwen2.5vl:3b": 0,
         "deepseek-r1:32b": (19 - 5) * 1024,
-        "mixtral:8x22b": (79 - 2) * 1024,
+        "mixtral:8x22b": 79 * 1024 - 1434,  # 1.4 GiB = 1433.6 MiB on the GPU, rounded up
     }
     assert all(m.engine is config.Engine.OLLAMA for m in cfg.models[1:])
 

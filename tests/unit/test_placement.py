@@ -37,11 +37,11 @@ def test_example_config_on_its_simulated_host() -> None:
     assert pending.model == "deepseek-r1:32b"
     assert pending.reason == (
         "deepseek-r1:32b needs 5.5 GiB; gpu0 has 0.0 GiB free (mimo-vl 16.0 GiB); "
-        "gpu1 has 0.3 GiB free (deepcoder:14b 9.5 GiB, qwen2.5vl:3b 3.7 GiB, "
-        "mixtral:8x22b 2.5 GiB), 2.8 GiB even after evicting lower priorities"
+        "gpu1 has 0.1 GiB free (deepcoder:14b 9.5 GiB, qwen2.5vl:3b 3.5 GiB, "
+        "mixtral:8x22b 2.9 GiB), 3.0 GiB even after evicting lower priorities"
     )
     mixtral = next(p for p in result.placements if p.model == "mixtral:8x22b")
-    assert mixtral.note == "partial offload: 2.5 GiB in VRAM, 77.0 GiB in system RAM"
+    assert mixtral.note == "partial offload: 2.9 GiB in VRAM, 77.6 GiB in system RAM"
 
 
 def test_seed_budget_of_18_gib_on_a_16_gib_card_is_refused_with_numbers() -> None:
