@@ -180,7 +180,7 @@ async def running_fleet(
     async def on_started(daemon: Daemon) -> None:
         started.set_result(daemon)
 
-    task = asyncio.create_task(  # noqa: RUF006 - awaited in finally
+    task = asyncio.create_task(
         run_daemon(
             cfg,
             backend=SimulatedGpuBackend(host),

@@ -20,7 +20,7 @@ import vllm_cpu
 from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from daemon_harness import running_fleet  # noqa: E402
+from daemon_harness import running_fleet
 
 from fleetd.model.worker import WorkerState
 from fleetd.planning.types import Overrides
@@ -105,7 +105,8 @@ async def test_fleetd_supervises_real_vllm(tmp_path: Path) -> None:
             assert alive(first_tree) == [], "the killed server's EngineCore/Worker survived"
 
             # 3. a planned stop drains an in-flight stream to its natural end
-            assert again.pid is not None and again.port is not None
+            assert again.pid is not None
+            assert again.port is not None
             second_tree = tree(again.pid)
             client = AsyncOpenAI(
                 base_url=f"http://127.0.0.1:{again.port}/v1",
@@ -144,4 +145,4 @@ async def test_fleetd_supervises_real_vllm(tmp_path: Path) -> None:
             # 4. the whole process tree is gone
             await asyncio.sleep(0)
             assert alive(second_tree) == []
-    print(f"\nreal vLLM: start to ready {start_s:.1f} s; drained stream: {chunks} chunks")
+    sys.stdout.write(f"\nreal vLLM: start to ready {start_s:.1f} s; drained {chunks} chunks\n")
