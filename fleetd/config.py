@@ -456,7 +456,6 @@ class FleetConfig(_Frozen):
 NOT_YET_ACTIVE: dict[str, str] = {
     "gateway": "the gateway is not built yet; [gateway] is validated but not served",
     "alerts": "alert hooks are not built yet; [alerts] is validated but nothing fires",
-    "control": "the control socket is not built yet; [control] is validated only",
 }
 
 

@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from fleetd.api.server import ControlServer, build_app
+from fleetd.control import Control, ControlError
 from fleetd.obs.events import EventBus
+from fleetd.overrides_store import OverridesStore
 from fleetd.reconciler import Paths, Reconciler
 from fleetd.runtime.clock import LoopClock
 from fleetd.runtime.health import HttpProbe
@@ -46,6 +49,7 @@ class Daemon:
     cfg: FleetConfig
     bus: EventBus
     reconciler: Reconciler
+    control: Control
     stop_requested: asyncio.Event
     force: asyncio.Event
 
@@ -64,6 +68,8 @@ async def run_daemon(
     engine_env: Mapping[str, str] | None = None,
     on_started: Callable[[Daemon], Coroutine[Any, Any, None]] | None = None,
     install_signals: bool = True,
+    config_loader: Callable[[], FleetConfig] | None = None,
+    config_path: str = "",
 ) -> int:
     """Run until asked to stop; returns the process exit code."""
     bus = EventBus()
@@ -80,7 +86,19 @@ async def run_daemon(
         paths=Paths(cfg.daemon.log_dir, WorkerRecords(cfg.daemon.state_dir)),
         engine_env=dict(os.environ if engine_env is None else engine_env),
     )
-    daemon = Daemon(cfg, bus, reconciler, asyncio.Event(), asyncio.Event())
+    control = Control(
+        reconciler, bus, store=OverridesStore(cfg.daemon.state_dir), load_config=config_loader
+    )
+    control.restore()
+    daemon = Daemon(cfg, bus, reconciler, control, asyncio.Event(), asyncio.Event())
+    server = ControlServer(build_app(control, bus, config_path=config_path), cfg.control)
+    try:
+        await server.start()
+    except ControlError as exc:
+        bus.emit("daemon.start_failed", str(exc))
+        await backend.aclose()
+        await probe.aclose()
+        return 1
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,7 +108,9 @@ async def run_daemon(
         f"fleetd started: {len(cfg.models)} model(s), GPUs via {backend.name}",
         pid=os.getpid(),
     )
+    bus.emit("control.listening", f"control socket at {server.path}", path=str(server.path))
     code = await _run_tasks(daemon, backend, on_started)
+    await server.stop()  # 1. stop accepting operator commands
     if not await _shutdown(daemon, leave_running=cfg.daemon.on_exit == "leave"):
         code = 1
     await backend.aclose()

@@ -56,6 +56,7 @@ class OllamaSlot(StateOwner):
         self._tag = adapter.normalise(spec.model)
         self._want_loaded = False
         self._wake = asyncio.Event()
+        self._reload = False
         self.restarts = 0
         self.vram_mib: int | None = None
 
@@ -77,6 +78,12 @@ class OllamaSlot(StateOwner):
     def ensure_stopped(self) -> None:
         """Unload the model."""
         self._want_loaded = False
+        self._wake.set()
+
+    def restart(self) -> None:
+        """Unload and load again (fleetctl restart)."""
+        self._reload = True
+        self._want_loaded = True
         self._wake.set()
 
     def status(self) -> WorkerStatus:
@@ -108,6 +115,12 @@ class OllamaSlot(StateOwner):
             if self.serve.state not in ROUTABLE_STATES:
                 await self._server_down()
                 await self._nap(0.25)
+                continue
+            if self._reload:  # fleetctl restart: unload (unless already out), then load again
+                self._reload = False
+                self.restarts += 1
+                if self._state is not WorkerState.STOPPED:
+                    await self._unload()
                 continue
             if self._state in (WorkerState.STOPPED, WorkerState.BACKOFF):
                 await self._load()

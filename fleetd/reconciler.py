@@ -160,6 +160,8 @@ class Reconciler:
         self._kick = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._over_budget: set[str] = set()
+        self.drain_timeouts: dict[str, float] = {}  # model name or GPU UUID -> drain bound
+        self.vram_mib: dict[str, int] = {}  # worker name -> measured VRAM (last pass)
         self.host: HostSnapshot | None = None
         self.plan: Plan | None = None
         self.passes = 0
@@ -177,6 +179,56 @@ class Reconciler:
             out.append(group.serve.status())
             out.extend(slot.status() for slot in group.slots.values())
         return sorted(out, key=lambda s: (s.gpu_index, s.name))
+
+    def find(self, name: str) -> ProcessWorker | OllamaSlot | None:
+        """The wanted worker or model slot with this display name (else any with it)."""
+        owners: list[ProcessWorker | OllamaSlot] = [*self._vllm.values()]
+        for group in self._ollama.values():
+            owners.append(group.serve)
+            owners.extend(group.slots.values())
+        named = [o for o in owners if o.name == name]
+        return next((o for o in named if o.wanted), named[0] if named else None)
+
+    def replica_of(self, owner: ProcessWorker | OllamaSlot) -> tuple[str, int, str] | None:
+        """(model, replica, GPU UUID) of a vLLM worker or an Ollama slot; None for servers."""
+        for key, worker in self._vllm.items():
+            if worker is owner:
+                return key
+        for group in self._ollama.values():
+            for key, slot in group.slots.items():
+                if slot is owner:
+                    return key
+        return None
+
+    def our_pids(self) -> dict[int, str]:
+        """Every pid of our engines' process trees, with the worker it belongs to."""
+        owners: dict[int, str] = {}
+        for worker in self._vllm.values():
+            for pid in _tree(worker.handle):
+                owners[pid] = worker.name
+        for group in self._ollama.values():
+            for pid in _tree(group.serve.handle):
+                owners[pid] = group.serve.name
+        return owners
+
+    def set_config(self, cfg: FleetConfig) -> list[str]:
+        """Adopt a new (validated) config; workers whose spec changed restart. Returns them."""
+        old = {m.name: m for m in self.cfg.models}
+        self.cfg = cfg
+        changed = []
+        for (model, _replica, _gpu), worker in self._vllm.items():
+            spec = cfg.model_named(model)
+            if worker.wanted and spec is not None and spec != old.get(model):
+                worker.ensure_stopped(StopReason.RESPEC)
+                changed.append(worker.name)
+        for group in self._ollama.values():
+            for (model, _replica, _gpu), slot in group.slots.items():
+                spec = cfg.model_named(model)
+                if slot.wanted and spec is not None and spec != old.get(model):
+                    slot.ensure_stopped()
+                    changed.append(slot.name)
+        self.kick()
+        return changed
 
     def vllm_worker(self, model: str, replica: int = 0) -> ProcessWorker | None:
         """The live vLLM worker of a replica (the one that is wanted), if any."""
@@ -298,6 +350,7 @@ class Reconciler:
             if gpu is None or not pids:
                 continue
             used = sum(p.used_mib or 0 for p in gpu.processes if p.pid in pids)
+            self.vram_mib[worker.name] = used
             over = used > worker.spec.budget_mib
             if over and worker.name not in self._over_budget:
                 self._bus.emit(
@@ -318,13 +371,7 @@ class Reconciler:
         gpu = host.by_uuid(uuid)
         if gpu is None:
             return 0, "GPU not found"
-        owners: dict[int, str] = {}
-        for worker in self._vllm.values():
-            for pid in _tree(worker.handle):
-                owners[pid] = worker.name
-        for group in self._ollama.values():
-            for pid in _tree(group.serve.handle):
-                owners[pid] = group.serve.name
+        owners = self.our_pids()
         holders = ", ".join(
             f"pid {p.pid} {owners.get(p.pid, 'not ours')} {p.used_mib or 0} MiB"
             for p in gpu.processes
@@ -384,7 +431,8 @@ class Reconciler:
         key = (model, replica, gpu_uuid)
         worker = self._vllm.get(key)
         if worker is not None and worker.wanted:
-            worker.ensure_stopped(reason)
+            bound = self.drain_timeouts.get(model, self.drain_timeouts.get(gpu_uuid))
+            worker.ensure_stopped(reason, drain_timeout_s=bound)
         group = self._ollama.get(gpu_uuid)
         slot = group.slots.get(key) if group else None
         if slot is not None and slot.wanted:

@@ -128,6 +128,7 @@ class ProcessWorker(StateOwner):
         self._want = Want.STOPPED
         self._stop_reason = StopReason.DESIRED_REMOVED
         self._drain = False
+        self._drain_timeout_s: float | None = None
         self._restart_requested = False
         self._wake = asyncio.Event()
         self._failures: deque[float] = deque()
@@ -172,11 +173,18 @@ class ProcessWorker(StateOwner):
         self._want = Want.RUNNING
         self._wake.set()
 
-    def ensure_stopped(self, reason: StopReason, *, drain: bool = True) -> None:
-        """Ask for the engine to stop; with ``drain`` in-flight requests finish first."""
+    def ensure_stopped(
+        self, reason: StopReason, *, drain: bool = True, drain_timeout_s: float | None = None
+    ) -> None:
+        """Ask for the engine to stop; with ``drain`` in-flight requests finish first.
+
+        ``drain_timeout_s`` overrides the configured bound on that wait (fleetctl drain
+        --timeout).
+        """
         self._want = Want.STOPPED
         self._stop_reason = reason
         self._drain = drain
+        self._drain_timeout_s = drain_timeout_s
         self._wake.set()
 
     def restart(self) -> None:
@@ -388,7 +396,8 @@ class ProcessWorker(StateOwner):
 
     async def _wait_idle(self, handle: ProcessHandle) -> None:
         """Wait (bounded by drain_timeout_s) until the engine runs no request, or exits."""
-        deadline = self._clock.monotonic() + self.spec.drain_timeout_s
+        bound = self._drain_timeout_s
+        deadline = self._clock.monotonic() + (self.spec.drain_timeout_s if bound is None else bound)
         exit_task = asyncio.ensure_future(handle.wait())
         try:
             while self._clock.monotonic() < deadline and not exit_task.done():

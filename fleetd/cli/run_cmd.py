@@ -37,16 +37,22 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "run":
         cfg = config.load_config(args.config)
         fleetd_logging.configure(cfg.daemon.log_format)
-        return asyncio.run(_run_real(cfg))
+        return asyncio.run(_run_real(cfg, args.config.absolute()))
     return asyncio.run(_run_demo(args))
 
 
-async def _run_real(cfg: config.FleetConfig) -> int:
+async def _run_real(cfg: config.FleetConfig, path: Path) -> int:
+    source = str(path)
     from fleetd.daemon import run_daemon  # noqa: PLC0415
     from fleetd.runtime.nvml import NvmlBackend  # noqa: PLC0415
 
     backend = await NvmlBackend.open()
-    return await run_daemon(cfg, backend=backend)
+    return await run_daemon(
+        cfg,
+        backend=backend,
+        config_loader=lambda: config.load_config(path),
+        config_path=source,
+    )
 
 
 def demo_config(cfg: config.FleetConfig, root: Path) -> config.FleetConfig:
@@ -94,7 +100,12 @@ async def _run_demo(args: argparse.Namespace) -> int:
             daemon.request_stop()
 
     return await run_daemon(
-        cfg, backend=SimulatedGpuBackend(host), engine_env=env, on_started=banner
+        cfg,
+        backend=SimulatedGpuBackend(host),
+        engine_env=env,
+        on_started=banner,
+        config_loader=lambda: demo_config(config.load_config(source), root),
+        config_path=str(source),
     )
 
 
@@ -107,6 +118,8 @@ def _banner(source: Path, root: Path) -> str:
             f"  engine logs      {root / 'logs'}",
             f"  worker records   {root / 'state' / 'workers'}",
             f"  simulated GPUs   {root / 'sim'}  (faults: see docs/demo.md)",
+            f"  control socket   {root / 'control.sock'}",
+            f"     export FLEETD_SOCKET={root / 'control.sock'}; fleetctl status",
             "  try: kill -9 a worker's pid (see the events below) and watch it come back;",
             f"       fleetd plan {source} --simulate --lost 0   # what if gpu0 dies?",
             "  stop: Ctrl-C (engines are stopped; nothing is left running)",

@@ -59,6 +59,7 @@ class StopReason(enum.StrEnum):
     START_TIMEOUT = "start_timeout"  # never became healthy in time
     GPU_UNUSABLE = "gpu_unusable"  # its GPU is lost or drained
     OPERATOR = "operator"  # fleetctl restart / drain
+    RESPEC = "respec"  # the config changed how it runs: restart with the new spec
     DAEMON_EXIT = "daemon_exit"  # fleetd is shutting down
 
 

@@ -72,6 +72,7 @@ class _Gpu:
     unattributed_mib: int
     cordoned: bool
     drained: bool
+    avoid: frozenset[tuple[str, int]] = frozenset()  # replicas an operator moved off this GPU
     placed: list[_Request] = field(default_factory=list)
 
     @property
@@ -102,6 +103,8 @@ class _Gpu:
             return f"{self.label} is drained by an operator"
         if not _allowed(req.spec, self.snap):
             return f"{self.label} is not in allowed_gpus"
+        if (req.spec.name, req.replica) in self.avoid:
+            return f"{self.label} is drained for this replica by an operator"
         return None
 
     def why_not_new(self, req: _Request) -> str | None:
@@ -111,6 +114,8 @@ class _Gpu:
             return f"{self.label} is {status}"
         if not _allowed(req.spec, self.snap):
             return f"{self.label} is not in allowed_gpus"
+        if (req.spec.name, req.replica) in self.avoid:
+            return f"{self.label} is drained for this replica by an operator"
         if any(p.spec.name == req.spec.name for p in self.placed):
             return f"{self.label} already runs a replica of {req.spec.name}"
         if req.budget_mib > self.usable_mib:
@@ -174,6 +179,7 @@ def _build_gpus(
                 unattributed_mib=max(0, snap.used_mib - listed),  # counted in foreign_mib
                 cordoned=snap.uuid in overrides.cordoned,
                 drained=snap.uuid in overrides.drained,
+                avoid=frozenset((m, r) for m, r, g in overrides.avoid if g == snap.uuid),
             )
         )
     return gpus
@@ -202,7 +208,7 @@ def plan(
         (
             _Request(spec, i)
             for spec in models
-            for i in range(overrides.replicas.get(spec.name, spec.replicas))
+            for i in range(overrides.wanted(spec.name, spec.replicas))
         ),
         key=lambda r: r.order,
     )
@@ -288,8 +294,12 @@ def _unwanted_stops(
             stops.append(
                 Stop(cur.model, cur.replica, cur.gpu_uuid, StopCause.REMOVED, "not in the config")
             )
-        elif cur.replica >= (wanted := overrides.replicas.get(cur.model, spec.replicas)):
-            detail = f"scaled to {wanted} replica{'s' if wanted != 1 else ''}"
+        elif cur.replica >= (wanted := overrides.wanted(cur.model, spec.replicas)):
+            detail = (
+                "drained by an operator"
+                if cur.model in overrides.drained_models
+                else f"scaled to {wanted} replica{'s' if wanted != 1 else ''}"
+            )
             stops.append(Stop(cur.model, cur.replica, cur.gpu_uuid, StopCause.SCALED_DOWN, detail))
     return stops
 

@@ -21,6 +21,14 @@ class Overrides:
     replicas: dict[str, int] = field(default_factory=dict)  # model name -> replicas wanted
     cordoned: frozenset[str] = frozenset()  # GPU UUIDs: keep what runs, place nothing new
     drained: frozenset[str] = frozenset()  # GPU UUIDs: move everything off
+    drained_models: frozenset[str] = frozenset()  # models with every replica stopped
+    avoid: frozenset[tuple[str, int, str]] = frozenset()  # (model, replica, GPU UUID): move off
+
+    def wanted(self, model: str, configured: int) -> int:
+        """Replicas wanted for a model once the overrides apply."""
+        if model in self.drained_models:
+            return 0
+        return self.replicas.get(model, configured)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,20 @@ def cases(draw: st.DrawFn) -> Case:
     cordoned = draw(st.sets(st.sampled_from(uuids), max_size=1)) if uuids else set()
     drained = draw(st.sets(st.sampled_from(uuids), max_size=1)) if uuids else set()
     scale = {m.name: draw(st.integers(0, 3)) for m in models if draw(st.booleans())}
-    overrides = Overrides(replicas=scale, cordoned=frozenset(cordoned), drained=frozenset(drained))
+    drained_models = {m.name for m in models if draw(st.integers(0, 5)) == 0}
+    avoid = {
+        (m.name, r, draw(st.sampled_from(uuids)))
+        for m in models
+        for r in range(3)
+        if uuids and draw(st.integers(0, 4)) == 0
+    }
+    overrides = Overrides(
+        replicas=scale,
+        cordoned=frozenset(cordoned),
+        drained=frozenset(drained),
+        drained_models=frozenset(drained_models),
+        avoid=frozenset(avoid),
+    )
     return Case(models, HostSnapshot(gpus=tuple(gpus)), current, overrides)
 
 
@@ -86,9 +99,10 @@ def capacity_mib(gpu: GpuSnapshot) -> int:
     return gpu.total_mib - gpu.reserved_mib - gpu.used_mib  # nothing of ours holds memory here
 
 
-def may_start_on(spec: ModelSpec, gpu: GpuSnapshot, case: Case) -> bool:
+def may_start_on(spec: ModelSpec, gpu: GpuSnapshot, case: Case, replica: int) -> bool:
     return (
-        gpu.health is GpuHealth.HEALTHY
+        (spec.name, replica, gpu.uuid) not in case.overrides.avoid
+        and gpu.health is GpuHealth.HEALTHY
         and gpu.uuid not in case.overrides.cordoned
         and gpu.uuid not in case.overrides.drained
         and (not spec.allowed_gpus or gpu.index in spec.allowed_gpus)
@@ -108,7 +122,9 @@ def test_no_gpu_is_ever_overcommitted(case: Case) -> None:
         assert gpu.uuid not in case.overrides.drained
         if not p.kept:
             spec = next(m for m in case.models if m.name == p.model)
-            assert may_start_on(spec, gpu, case), p
+            assert may_start_on(spec, gpu, case, p.replica), p
+    for p in result.placements:
+        assert (p.model, p.replica, p.gpu_uuid) not in case.overrides.avoid, p
 
 
 @settings(max_examples=400, deadline=None)
@@ -121,7 +137,9 @@ def test_a_lower_priority_never_displaces_a_higher_one(case: Case) -> None:
         spec = specs[pend.model]
         for gpu in case.host.gpus:
             here = [p for p in result.placements if p.gpu_uuid == gpu.uuid]
-            if not may_start_on(spec, gpu, case) or any(p.model == spec.name for p in here):
+            if not may_start_on(spec, gpu, case, pend.replica) or any(
+                p.model == spec.name for p in here
+            ):
                 continue
             free = capacity_mib(gpu) - sum(p.budget_mib for p in here)
             lower = sum(p.budget_mib for p in here if p.priority < spec.priority)
@@ -159,9 +177,7 @@ def test_carrying_out_a_plan_then_replanning_changes_nothing(case: Case) -> None
 def test_every_wanted_replica_is_placed_or_pending_exactly_once(case: Case) -> None:
     result = run(case)
     wanted = {
-        (m.name, r)
-        for m in case.models
-        for r in range(case.overrides.replicas.get(m.name, m.replicas))
+        (m.name, r) for m in case.models for r in range(case.overrides.wanted(m.name, m.replicas))
     }
     placed = [p.key for p in result.placements]
     pending = [(p.model, p.replica) for p in result.pending]

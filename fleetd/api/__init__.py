@@ -1,0 +1,1 @@
+"""The control API: HTTP + JSON over a Unix socket, served inside the daemon's event loop."""
