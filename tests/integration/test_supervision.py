@@ -158,3 +158,15 @@ async def test_missing_engine_binary_is_a_clear_failure(tmp_path: Path) -> None:
         failed = await fleet.wait_state("tiny", WorkerState.FAILED)
         assert failed.reason == "engine command '/nonexistent/vllm' does not exist"
         assert fleet.status("tiny").restarts == 0
+
+
+async def test_worker_over_its_budget_raises_an_event(tmp_path: Path) -> None:
+    env = '[engines.vllm.env]\nFLEETD_SIM_FAULTS = "leak_mib_per_s=2048"'
+    async with running_fleet(tmp_path, ONE_VLLM, vllm_env=env) as fleet:
+        await fleet.wait_state("tiny", WorkerState.READY)
+        await fleet.wait_until(
+            "over_budget event", lambda: "worker.over_budget:" in fleet.kinds("tiny"), timeout_s=20
+        )
+        event = next(e for e in fleet.seen if e.kind == "worker.over_budget")
+        assert event.fields["budget_mib"] == 4096
+        assert event.fields["used_mib"] > 4096
