@@ -25,6 +25,7 @@ def test_demo_brings_the_fleet_up_and_sigterm_stops_everything(tmp_path: Path) -
         env={**os.environ, "NO_COLOR": "1"},
     )
     assert proc.stdout is not None
+    want = {"mimo-vl", "ollama@gpu1", "deepcoder:14b", "qwen2.5vl:3b", "mixtral:8x22b"}
     ready: set[str] = set()
     engines: set[int] = set()
     deadline = time.monotonic() + 60
@@ -36,7 +37,6 @@ def test_demo_brings_the_fleet_up_and_sigterm_stops_everything(tmp_path: Path) -
                     ready.add(event["worker"])
                 if event.get("pid") and event.get("new") == "starting":
                     engines.add(int(event["pid"]))
-            want = {"mimo-vl", "ollama@gpu1", "deepcoder:14b", "qwen2.5vl:3b", "mixtral:8x22b"}
             if want <= ready or time.monotonic() > deadline:
                 break
         assert want <= ready, f"ready: {sorted(ready)}"
