@@ -77,6 +77,9 @@ ports = {{ first = {base + 40}, last = {base + 79} }}
 [gateway]
 port = {base + 90}
 
+[control]
+socket_path = "{root / "control.sock"}"
+
 [[simulation.gpus]]
 name = "sim A"
 total_mib = 16384
@@ -98,6 +101,10 @@ class Fleet:
     daemon: Daemon
     events: Subscription
     seen: list[Event]
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "control.sock"
 
     @property
     def reconciler(self) -> Reconciler:
@@ -187,6 +194,8 @@ async def running_fleet(
             engine_env=env,
             on_started=on_started,
             install_signals=False,
+            config_loader=lambda: config.load_config(path),
+            config_path=str(path),
         )
     )
     daemon = await asyncio.wait_for(started, 10)
