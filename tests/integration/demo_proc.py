@@ -87,9 +87,13 @@ READY_WORKERS = ("mimo-vl", "ollama@gpu1", "deepcoder:14b", "qwen2.5vl:3b", "mix
 
 @contextmanager
 def demo_daemon(
-    root: Path, *, load_s: float = 0.3, config: Path | None = None
+    root: Path,
+    *,
+    load_s: float = 0.3,
+    config: Path | None = None,
+    ready: tuple[str, ...] = READY_WORKERS,
 ) -> Iterator[DemoDaemon]:
-    """Start `fleetd demo` in ``root``; wait until every worker is ready; SIGTERM at the end."""
+    """Start `fleetd demo` in ``root``; wait until ``ready`` workers are; SIGTERM at the end."""
     argv = [sys.executable, "-m", "fleetd", "demo", "--dir", str(root), "--load-s", str(load_s)]
     if config is not None:
         argv += ["--config", str(config)]
@@ -105,11 +109,7 @@ def demo_daemon(
     try:
         daemon.wait(
             "the demo fleet to be ready",
-            lambda d: (
-                all(d.workers()[n]["state"] == "ready" for n in READY_WORKERS)
-                if config is None
-                else d.socket.exists()
-            ),
+            lambda d: all(d.workers()[n]["state"] == "ready" for n in ready),
         )
         yield daemon
     finally:
