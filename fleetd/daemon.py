@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
 
 from fleetd.api.server import ControlServer, build_app
-from fleetd.control import Control, ControlError
+from fleetd.control import Caller, Control, ControlError
 from fleetd.obs.events import EventBus
+from fleetd.obs.systemd import Notifier
 from fleetd.overrides_store import OverridesStore
 from fleetd.reconciler import Paths, Reconciler
 from fleetd.runtime.clock import LoopClock
@@ -52,6 +53,8 @@ class Daemon:
     control: Control
     stop_requested: asyncio.Event
     force: asyncio.Event
+    reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    notifier: Notifier = field(default_factory=Notifier)
 
     def request_stop(self) -> None:
         """Ask for an orderly stop (a second request forces it)."""
@@ -103,6 +106,7 @@ async def run_daemon(
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload_requested.set)
     bus.emit(
         "daemon.started",
         f"fleetd started: {len(cfg.models)} model(s), GPUs via {backend.name}",
@@ -110,13 +114,14 @@ async def run_daemon(
     )
     bus.emit("control.listening", f"control socket at {server.path}", path=str(server.path))
     code = await _run_tasks(daemon, backend, on_started)
+    daemon.notifier.stopping("stopping: " + summary(daemon))
     await server.stop()  # 1. stop accepting operator commands
     if not await _shutdown(daemon, leave_running=cfg.daemon.on_exit == "leave"):
         code = 1
     await backend.aclose()
     await probe.aclose()
     if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     bus.emit("daemon.stopped", "fleetd stopped", exit_code=code)
     return code
@@ -136,7 +141,14 @@ async def _run_tasks(
                 _gpu_monitor(backend, daemon.bus, daemon.reconciler), name="gpu-monitor"
             )
             stopper = tg.create_task(daemon.stop_requested.wait(), name="stop-wait")
-            tasks = [rec_task, gpu_task, stopper]
+            tasks = [
+                rec_task,
+                gpu_task,
+                stopper,
+                tg.create_task(_systemd(daemon), name="systemd"),
+                tg.create_task(daemon.notifier.watchdog(lambda: _healthy(daemon)), name="watchdog"),
+                tg.create_task(_reloads(daemon), name="reload"),
+            ]
             if on_started is not None:
                 tasks.append(tg.create_task(on_started(daemon), name="on-started"))
             done, _ = await asyncio.wait(
@@ -176,6 +188,52 @@ async def _shutdown(daemon: Daemon, *, leave_running: bool) -> bool:
         daemon.bus.emit("daemon.shutdown_timeout", "shutdown took too long; exiting anyway")
         return False
     return True
+
+
+def summary(daemon: Daemon) -> str:
+    """One line for `systemctl status`: workers ready, pending, GPU health."""
+    rec = daemon.reconciler
+    workers = rec.workers()
+    ready = sum(1 for w in workers if w.state.value == "ready")
+    pending = len(rec.plan.pending) if rec.plan is not None else 0
+    gpus = rec.host.gpus if rec.host is not None else ()
+    healthy = sum(1 for g in gpus if g.health.value == "healthy")
+    return (
+        f"{ready}/{len(workers)} workers ready, {pending} pending, "
+        f"{healthy}/{len(gpus)} GPUs healthy"
+    )
+
+
+def _healthy(daemon: Daemon) -> bool:
+    """The loop runs (we are called) and the reconciler completed a pass recently."""
+    last = daemon.reconciler.last_pass_s
+    limit = 3 * daemon.cfg.daemon.resync_interval_s + 30
+    return last is not None and asyncio.get_running_loop().time() - last < limit
+
+
+async def _systemd(daemon: Daemon) -> None:
+    """READY=1 once the socket is up and the first reconcile pass ran; STATUS= as it goes."""
+    rec = daemon.reconciler
+    async with rec.passed:
+        await rec.passed.wait_for(lambda: rec.passes >= 1)
+    daemon.notifier.ready(summary(daemon))
+    daemon.bus.emit("daemon.ready", f"ready: {summary(daemon)}")
+    while True:
+        await asyncio.sleep(5)
+        daemon.notifier.status(summary(daemon))
+
+
+async def _reloads(daemon: Daemon) -> None:
+    """SIGHUP: validate and adopt the config file; the running config stays on error."""
+    while True:
+        await daemon.reload_requested.wait()
+        daemon.reload_requested.clear()
+        daemon.notifier.reloading()
+        try:
+            daemon.control.reload(Caller())
+        except ControlError as exc:
+            daemon.bus.emit("config.reload_refused", f"SIGHUP reload refused: {exc}")
+        daemon.notifier.ready(summary(daemon))
 
 
 def _shutdown_budget_s(cfg: FleetConfig) -> float:

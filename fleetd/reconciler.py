@@ -165,6 +165,7 @@ class Reconciler:
         self.host: HostSnapshot | None = None
         self.plan: Plan | None = None
         self.passes = 0
+        self.last_pass_s: float | None = None  # loop time of the last completed pass
         self.passed = asyncio.Condition()
 
     # -- public ---------------------------------------------------------------------------
@@ -303,6 +304,7 @@ class Reconciler:
         self._collect_garbage()
         self._check_budgets(host)
         self.passes += 1
+        self.last_pass_s = asyncio.get_running_loop().time()
         async with self.passed:
             self.passed.notify_all()
         return plan
