@@ -116,7 +116,9 @@ async def run_daemon(
     code = await _run_tasks(daemon, backend, on_started)
     daemon.notifier.stopping("stopping: " + summary(daemon))
     await server.stop()  # 1. stop accepting operator commands
-    if not await _shutdown(daemon, leave_running=cfg.daemon.on_exit == "leave"):
+    # the config in force now: a reload may have switched on_exit (the upgrade procedure)
+    leave = daemon.reconciler.cfg.daemon.on_exit == "leave"
+    if not await _shutdown(daemon, leave_running=leave):
         code = 1
     await backend.aclose()
     await probe.aclose()

@@ -102,3 +102,22 @@ def test_only_the_dead_are_restarted(tmp_path: Path) -> None:
         assert all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in core)
         _, events = call(second.socket, "GET", "/v1/events?kind=worker.record_dropped")
         assert "its process is gone" in json.dumps(events)
+
+
+def test_upgrade_procedure_reload_to_leave_then_restart(tmp_path: Path) -> None:
+    """docs/operations.md: switch on_exit to leave with a reload, restart, nothing reloads."""
+    config = tmp_path / "fleetd.toml"
+    config.write_text(EXAMPLE.read_text())
+    root = tmp_path / "demo"
+    with demo_daemon(root, config=config) as first:
+        before = engine_pids(first.workers())
+        config.write_text(EXAMPLE.read_text().replace('on_exit = "stop"', 'on_exit = "leave"'))
+        code, result = call(first.socket, "POST", "/v1/reload", b"{}")
+        assert code == 200, result
+    assert first.proc.returncode == 0
+    with demo_daemon(root, config=config) as second:
+        assert engine_pids(second.workers()) == before
+        config.write_text(EXAMPLE.read_text())  # back to stop: this fleetd cleans up
+        assert call(second.socket, "POST", "/v1/reload", b"{}")[0] == 200
+    for pid in before.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
