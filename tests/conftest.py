@@ -7,6 +7,10 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+# set in the environment of a daemon that a module-scoped fixture owns: its engines (which
+# inherit the variable) may outlive a single test
+LONG_LIVED = "FLEETD_TEST_LONG_LIVED"
+
 
 @pytest.fixture(autouse=True)
 def _no_leftover_children() -> Iterator[None]:
@@ -18,6 +22,8 @@ def _no_leftover_children() -> Iterator[None]:
     alive = []
     for proc in leftovers:
         try:
+            if proc.environ().get(LONG_LIVED) == "1":
+                continue  # belongs to a module-scoped daemon, which stops it at module end
             if proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(f"{proc.pid} {' '.join(proc.cmdline())[:80]}")
             proc.kill()

@@ -226,11 +226,12 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 continue
             await resp.write((json.dumps(event.to_json(), default=str) + "\n").encode())
             last = event.seq
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the follower went away (Ctrl-C, --wait done): nothing to report
     finally:
         if sub is not None:
             sub.close()
-    with contextlib.suppress(ConnectionResetError):
-        await resp.write_eof()
     return resp
 
 
@@ -255,7 +256,15 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
         offset = len(data)
     except FileNotFoundError:
         await resp.write(f"(no log yet at {path})\n".encode())
-    while follow:
+    with contextlib.suppress(ConnectionResetError):
+        if follow:
+            await _follow_file(resp, path, offset)
+        await resp.write_eof()
+    return resp
+
+
+async def _follow_file(resp: web.StreamResponse, path: Path, offset: int) -> None:
+    while True:
         await asyncio.sleep(0.25)  # tail -f of a file another process appends to
         try:
             size = (await asyncio.to_thread(path.stat)).st_size
@@ -269,8 +278,6 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
                 chunk = fh.read(size - offset)
             offset = size
             await resp.write(chunk)
-    await resp.write_eof()
-    return resp
 
 
 async def get_openapi(request: web.Request) -> web.Response:

@@ -92,6 +92,7 @@ def demo_daemon(
     load_s: float = 0.3,
     config: Path | None = None,
     ready: tuple[str, ...] = READY_WORKERS,
+    long_lived: bool = False,
 ) -> Iterator[DemoDaemon]:
     """Start `fleetd demo` in ``root``; wait until ``ready`` workers are; SIGTERM at the end."""
     argv = [sys.executable, "-m", "fleetd", "demo", "--dir", str(root), "--load-s", str(load_s)]
@@ -103,7 +104,12 @@ def demo_daemon(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "FLEETD_SIM_TOKEN_S": "0.005"},
+        env={
+            **os.environ,
+            "FLEETD_SIM_TOKEN_S": "0.005",
+            # a module-scoped daemon's engines may outlive one test (see tests/conftest.py)
+            "FLEETD_TEST_LONG_LIVED": "1" if long_lived else "0",
+        },
     )
     daemon = DemoDaemon(proc, root)
     try:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoDaemon]:
-    with demo_daemon(tmp_path_factory.mktemp("api") / "demo") as d:
+    with demo_daemon(tmp_path_factory.mktemp("api") / "demo", long_lived=True) as d:
         yield d
 
 
