@@ -402,16 +402,61 @@ class AlertHook(_Frozen):
     """One alert destination."""
 
     kind: Literal["exec", "webhook"]
-    target: str = Field(min_length=1, description="Command path (exec) or URL (webhook).")
-    events: tuple[str, ...] = Field(
-        ("*",), description="Event kinds that fire this hook, e.g. 'gpu.lost'; '*' for all."
+    target: str = Field(
+        min_length=1,
+        description="exec: the command (absolute path; the event JSON arrives on stdin, key "
+        "facts in FLEETD_* environment variables). webhook: the URL to POST to.",
     )
+    events: tuple[str, ...] = Field(
+        ("*",),
+        description="Event kinds (or prefixes ending in '.') that fire this hook, e.g. "
+        "'gpu.lost', 'worker.'; '*' for every problem event.",
+    )
+    format: Literal["json", "alertmanager"] = Field(
+        "json",
+        description="webhook only: the event as JSON, or an Alertmanager-compatible list of "
+        "alerts (POST to Alertmanager's /api/v2/alerts).",
+    )
+    timeout_s: float = Field(5.0, gt=0, le=300, description="Per delivery attempt.")
+    retries: int = Field(3, ge=0, le=20, description="Further attempts after a failure.")
+    backoff_initial_s: float = Field(
+        1.0, gt=0, le=600, description="Delay before the first retry; doubles each time."
+    )
+
+    @model_validator(mode="after")
+    def _format_for_webhooks(self) -> Self:
+        if self.kind == "exec" and self.format != "json":
+            raise ValueError("format applies to webhooks only")
+        if self.kind == "webhook" and not self.target.startswith(("http://", "https://")):
+            raise ValueError(f"webhook target must be an http(s) URL, not {self.target!r}")
+        if self.kind == "exec" and not self.target.startswith("/"):
+            raise ValueError(f"exec target must be an absolute path, not {self.target!r}")
+        return self
 
 
 class AlertsSpec(_Frozen):
     """Alert hooks fired on events."""
 
     hooks: tuple[AlertHook, ...] = ()
+    dedup_window_s: float = Field(
+        300.0,
+        ge=0,
+        description="The same event kind for the same subject fires once per window.",
+    )
+    max_per_minute: int = Field(
+        30, ge=1, le=10_000, description="Rate limit per hook; the excess is dropped and counted."
+    )
+
+
+class MetricsSpec(_Frozen):
+    """The Prometheus endpoint."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Address to serve /metrics on.")
+    port: int = Field(9400, ge=1, le=65535, description="Port to serve /metrics on.")
+    availability_target: float = Field(
+        0.999, gt=0, le=1, description="Per-model availability objective (ready replica time)."
+    )
 
 
 class SimGpu(_Frozen):
@@ -443,6 +488,7 @@ class FleetConfig(_Frozen):
     engines: EnginesSpec = Field(default_factory=EnginesSpec)
     gpus: GpusSpec = Field(default_factory=GpusSpec)
     alerts: AlertsSpec = Field(default_factory=AlertsSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
     models: tuple[ModelSpec, ...] = ()
 
@@ -455,7 +501,6 @@ class FleetConfig(_Frozen):
 # prints them, so no key does nothing without saying so.
 NOT_YET_ACTIVE: dict[str, str] = {
     "gateway": "the gateway is not built yet; [gateway] is validated but not served",
-    "alerts": "alert hooks are not built yet; [alerts] is validated but nothing fires",
 }
 
 

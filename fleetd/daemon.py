@@ -22,6 +22,7 @@ import structlog
 
 from fleetd.api.server import ControlServer, build_app
 from fleetd.control import Caller, Control, ControlError
+from fleetd.obs.alerts import AlertDispatcher
 from fleetd.obs.events import EventBus
 from fleetd.obs.systemd import Notifier
 from fleetd.overrides_store import OverridesStore
@@ -53,6 +54,7 @@ class Daemon:
     control: Control
     stop_requested: asyncio.Event
     force: asyncio.Event
+    alerts: AlertDispatcher
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
 
@@ -76,6 +78,7 @@ async def run_daemon(
 ) -> int:
     """Run until asked to stop; returns the process exit code."""
     bus = EventBus()
+    alerts = AlertDispatcher(cfg.alerts, bus)  # subscribes now: start-up problems alert too
     probe = HttpProbe()
     cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
     cfg.daemon.log_dir.mkdir(parents=True, exist_ok=True)
@@ -93,12 +96,13 @@ async def run_daemon(
         reconciler, bus, store=OverridesStore(cfg.daemon.state_dir), load_config=config_loader
     )
     control.restore()
-    daemon = Daemon(cfg, bus, reconciler, control, asyncio.Event(), asyncio.Event())
+    daemon = Daemon(cfg, bus, reconciler, control, asyncio.Event(), asyncio.Event(), alerts)
     server = ControlServer(build_app(control, bus, config_path=config_path), cfg.control)
     try:
         await server.start()
     except ControlError as exc:
         bus.emit("daemon.start_failed", str(exc))
+        await alerts.aclose(grace_s=5.0)
         await backend.aclose()
         await probe.aclose()
         return 1
@@ -120,6 +124,7 @@ async def run_daemon(
     leave = daemon.reconciler.cfg.daemon.on_exit == "leave"
     if not await _shutdown(daemon, leave_running=leave):
         code = 1
+    await alerts.aclose(grace_s=5.0)  # shutdown-time problems still go out, then the rest stop
     await backend.aclose()
     await probe.aclose()
     if install_signals:
@@ -150,6 +155,7 @@ async def _run_tasks(
                 tg.create_task(_systemd(daemon), name="systemd"),
                 tg.create_task(daemon.notifier.watchdog(lambda: _healthy(daemon)), name="watchdog"),
                 tg.create_task(_reloads(daemon), name="reload"),
+                tg.create_task(daemon.alerts.run(), name="alerts"),
             ]
             if on_started is not None:
                 tasks.append(tg.create_task(on_started(daemon), name="on-started"))

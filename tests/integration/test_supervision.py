@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -170,3 +171,22 @@ async def test_worker_over_its_budget_raises_an_event(tmp_path: Path) -> None:
         event = next(e for e in fleet.seen if e.kind == "worker.over_budget")
         assert event.fields["budget_mib"] == 4096
         assert event.fields["used_mib"] > 4096
+
+
+async def test_a_crash_fires_the_alert_hook(tmp_path: Path) -> None:
+    out = tmp_path / "alerts.jsonl"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ncat >> {out}\necho >> {out}\n")
+    hook.chmod(0o755)
+    alerts = f'\n[[alerts.hooks]]\nkind = "exec"\ntarget = "{hook}"\nevents = ["worker.crashed"]\n'
+    async with running_fleet(tmp_path / "f", ONE_VLLM + alerts) as fleet:
+        first = await fleet.wait_state("tiny", WorkerState.READY)
+        assert first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        await fleet.wait_until(
+            "the hook ran", lambda: out.exists() and out.read_text().strip() != ""
+        )
+    event = json.loads(out.read_text().splitlines()[0])
+    assert event["kind"] == "worker.crashed"
+    assert event["worker"] == "tiny"
+    assert "exited with code -9" in event["message"]
