@@ -13,6 +13,7 @@ cancelled), then the engines are stopped (or left running for the next fleetd, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ import structlog
 
 from fleetd.api.server import ControlServer, build_app
 from fleetd.control import Caller, Control, ControlError
-from fleetd.obs.alerts import AlertDispatcher
+from fleetd.obs.alerts import AlertDispatcher, Outcome
 from fleetd.obs.events import EventBus
+from fleetd.obs.metrics import FleetMetrics, MetricsServer, MetricsServerError, follow_events
 from fleetd.obs.systemd import Notifier
 from fleetd.overrides_store import OverridesStore
 from fleetd.reconciler import Paths, Reconciler
@@ -55,6 +57,7 @@ class Daemon:
     stop_requested: asyncio.Event
     force: asyncio.Event
     alerts: AlertDispatcher
+    metrics_url: str = ""
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
 
@@ -78,7 +81,13 @@ async def run_daemon(
 ) -> int:
     """Run until asked to stop; returns the process exit code."""
     bus = EventBus()
-    alerts = AlertDispatcher(cfg.alerts, bus)  # subscribes now: start-up problems alert too
+    loop = asyncio.get_running_loop()
+    # the same clock as WorkerStatus.since_s (the loop's), so ready time adds up
+    metrics = FleetMetrics(clock=loop.time, availability_target=cfg.metrics.availability_target)
+    metrics_events = asyncio.ensure_future(follow_events(bus, metrics))  # counts from the start
+    # subscribes now, so start-up problems alert too
+    alerts = AlertDispatcher(cfg.alerts, bus, on_delivery=metrics.count_alert)
+    metrics.init_alert_series(alerts.hook_labels, [o.value for o in Outcome])
     probe = HttpProbe()
     cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
     cfg.daemon.log_dir.mkdir(parents=True, exist_ok=True)
@@ -97,16 +106,28 @@ async def run_daemon(
     )
     control.restore()
     daemon = Daemon(cfg, bus, reconciler, control, asyncio.Event(), asyncio.Event(), alerts)
+    reconciler.on_pass = lambda seconds, ok: metrics.observe_reconcile(seconds, ok=ok)
     server = ControlServer(build_app(control, bus, config_path=config_path), cfg.control)
+    exporter = (
+        MetricsServer(metrics, reconciler, host=cfg.metrics.host, port=cfg.metrics.port)
+        if cfg.metrics.enabled
+        else None
+    )
     try:
         await server.start()
-    except ControlError as exc:
+        if exporter is not None:
+            await exporter.start()
+            daemon.metrics_url = f"http://{cfg.metrics.host}:{exporter.port}/metrics"
+            bus.emit(
+                "metrics.listening",
+                f"metrics at http://{cfg.metrics.host}:{exporter.port}/metrics",
+                port=exporter.port,
+            )
+    except (ControlError, MetricsServerError) as exc:
         bus.emit("daemon.start_failed", str(exc))
-        await alerts.aclose(grace_s=5.0)
-        await backend.aclose()
-        await probe.aclose()
+        await server.stop()
+        await _close(alerts, exporter, metrics_events, backend, probe)
         return 1
-    loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
@@ -124,14 +145,30 @@ async def run_daemon(
     leave = daemon.reconciler.cfg.daemon.on_exit == "leave"
     if not await _shutdown(daemon, leave_running=leave):
         code = 1
-    await alerts.aclose(grace_s=5.0)  # shutdown-time problems still go out, then the rest stop
-    await backend.aclose()
-    await probe.aclose()
+    await _close(alerts, exporter, metrics_events, backend, probe)
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     bus.emit("daemon.stopped", "fleetd stopped", exit_code=code)
     return code
+
+
+async def _close(
+    alerts: AlertDispatcher,
+    exporter: MetricsServer | None,
+    metrics_events: asyncio.Future[None],
+    backend: GpuBackend,
+    probe: HttpProbe,
+) -> None:
+    """The last steps of a shutdown, in order (also after a failed start)."""
+    await alerts.aclose(grace_s=5.0)  # shutdown-time problems still go out, then the rest stop
+    if exporter is not None:
+        await exporter.stop()
+    metrics_events.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await metrics_events
+    await backend.aclose()
+    await probe.aclose()
 
 
 async def _run_tasks(

@@ -33,11 +33,11 @@ from fleetd.state import WorkerRecord, WorkerRecords, safe_key
 from fleetd.supervisor import GpuGate, ProcessWorker, WorkerSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from fleetd.model.gpu import GpuSnapshot, HostSnapshot
-    from fleetd.obs.events import EventBus
+    from fleetd.obs.events import EventBus, Subscription
     from fleetd.runtime.clock import Clock
     from fleetd.runtime.gpu import GpuBackend
     from fleetd.runtime.launcher import Launcher, ProcessHandle
@@ -164,6 +164,7 @@ class Reconciler:
         self.vram_mib: dict[str, int] = {}  # worker name -> measured VRAM (last pass)
         self.host: HostSnapshot | None = None
         self.plan: Plan | None = None
+        self.on_pass: Callable[[float, bool], None] | None = None  # (seconds, ok): metrics
         self.passes = 0
         self.last_pass_s: float | None = None  # loop time of the last completed pass
         self.passed = asyncio.Condition()
@@ -259,23 +260,26 @@ class Reconciler:
             await self._adopt()
             watcher = self._bus.subscribe()
             tg.create_task(self._follow_events(watcher), name="reconciler-events")
+            loop = asyncio.get_running_loop()
             while True:
+                started = loop.time()
+                ok = True
                 try:
                     await self.reconcile_once()
                 except Exception as exc:  # noqa: BLE001 - a loop boundary: log, count, go on
+                    ok = False
                     self._bus.emit(
                         "reconcile.error", f"reconcile pass failed: {type(exc).__name__}: {exc}"
                     )
+                if self.on_pass is not None:
+                    self.on_pass(loop.time() - started, ok)
                 self._kick.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.cfg.daemon.resync_interval_s):
                         await self._kick.wait()
                 await asyncio.sleep(0.02)  # coalesce a burst of kicks into one pass
 
-    async def _follow_events(self, sub: object) -> None:
-        from fleetd.obs.events import Subscription  # noqa: PLC0415
-
-        assert isinstance(sub, Subscription)
+    async def _follow_events(self, sub: Subscription) -> None:
         async for event in sub:
             if event.kind.startswith(("worker.", "gpu.")) and event.kind != "worker.over_budget":
                 self._kick.set()

@@ -74,7 +74,11 @@ def demo_config(cfg: config.FleetConfig, root: Path) -> config.FleetConfig:
     control = cfg.control.model_copy(
         update={"socket_path": root / "control.sock", "socket_group": None}
     )
-    return cfg.model_copy(update={"engines": engines, "daemon": daemon, "control": control})
+    # an ephemeral port, so demos and tests never collide; the banner prints it
+    metrics = cfg.metrics.model_copy(update={"port": 0})
+    return cfg.model_copy(
+        update={"engines": engines, "daemon": daemon, "control": control, "metrics": metrics}
+    )
 
 
 async def _run_demo(args: argparse.Namespace) -> int:
@@ -94,7 +98,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     env = {**os.environ, ENV_SIM_DIR: str(sim_dir), ENV_LOAD_S: str(args.load_s)}
 
     async def banner(daemon: Daemon) -> None:
-        print(_banner(source, root), flush=True)
+        print(_banner(source, root, daemon.metrics_url), flush=True)
         if args.duration is not None:
             await asyncio.sleep(args.duration)
             daemon.request_stop()
@@ -109,7 +113,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     )
 
 
-def _banner(source: Path, root: Path) -> str:
+def _banner(source: Path, root: Path, metrics_url: str) -> str:
     return "\n".join(
         [
             "",
@@ -120,6 +124,7 @@ def _banner(source: Path, root: Path) -> str:
             f"  simulated GPUs   {root / 'sim'}  (faults: see docs/demo.md)",
             f"  control socket   {root / 'control.sock'}",
             f"     export FLEETD_SOCKET={root / 'control.sock'}; fleetctl status",
+            f"  metrics          {metrics_url or '(disabled)'}",
             "  try: kill -9 a worker's pid (see the events below) and watch it come back;",
             f"       fleetd plan {source} --simulate --lost 0   # what if gpu0 dies?",
             "  stop: Ctrl-C (engines are stopped; nothing is left running)",

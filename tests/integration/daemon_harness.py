@@ -80,6 +80,9 @@ port = {base + 90}
 [control]
 socket_path = "{root / "control.sock"}"
 
+[metrics]
+port = 0
+
 [[simulation.gpus]]
 name = "sim A"
 total_mib = 16384
