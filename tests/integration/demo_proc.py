@@ -115,7 +115,7 @@ def demo_daemon(
     try:
         daemon.wait(
             "the demo fleet to be ready",
-            lambda d: all(d.workers()[n]["state"] == "ready" for n in ready),
+            lambda d: all(d.workers().get(n, {}).get("state") == "ready" for n in ready),
         )
         yield daemon
     finally:
