@@ -30,12 +30,14 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from fleetd.config import ControlSpec
-    from fleetd.obs.events import EventBus
+    from fleetd.obs.events import Event, EventBus, Subscription
 
 MAX_BODY_BYTES = 64 * 1024
 CONTROL: web.AppKey[Control] = web.AppKey("control", Control)
 BUS: web.AppKey[EventBus] = web.AppKey("bus", object)  # type: ignore[arg-type]
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info", dict)
+# set when the server stops: long-lived streams (events --follow, logs --follow) end at once
+CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 
 _STATUS_FOR = {
     "bad_request": 400,
@@ -220,12 +222,15 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         for event in bus.recent(since_seq=since, kinds=kinds):
             await resp.write((json.dumps(event.to_json(), default=str) + "\n").encode())
             last = event.seq
+        closing = request.app[CLOSING]
         while sub is not None:
-            event = await sub.get()
-            if event.seq <= last or (prefix and not event.kind.startswith(prefix)):
+            followed = await _next_or_none(sub, closing)
+            if followed is None:
+                break
+            if followed.seq <= last or (prefix and not followed.kind.startswith(prefix)):
                 continue
-            await resp.write((json.dumps(event.to_json(), default=str) + "\n").encode())
-            last = event.seq
+            await resp.write((json.dumps(followed.to_json(), default=str) + "\n").encode())
+            last = followed.seq
         await resp.write_eof()
     except ConnectionResetError:
         pass  # the follower went away (Ctrl-C, --wait done): nothing to report
@@ -233,6 +238,19 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         if sub is not None:
             sub.close()
     return resp
+
+
+async def _next_or_none(sub: Subscription, closing: asyncio.Event) -> Event | None:
+    """The next event, or None once the server is closing."""
+    getter: asyncio.Future[Any] = asyncio.ensure_future(sub.get())
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(closing.wait())
+    try:
+        await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not getter.done():
+            getter.cancel()
+    return getter.result() if getter.done() and not getter.cancelled() else None
 
 
 async def get_logs(request: web.Request) -> web.StreamResponse:
@@ -258,13 +276,15 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
         await resp.write(f"(no log yet at {path})\n".encode())
     with contextlib.suppress(ConnectionResetError):
         if follow:
-            await _follow_file(resp, path, offset)
+            await _follow_file(resp, path, offset, request.app[CLOSING])
         await resp.write_eof()
     return resp
 
 
-async def _follow_file(resp: web.StreamResponse, path: Path, offset: int) -> None:
-    while True:
+async def _follow_file(
+    resp: web.StreamResponse, path: Path, offset: int, closing: asyncio.Event
+) -> None:
+    while not closing.is_set():
         await asyncio.sleep(0.25)  # tail -f of a file another process appends to
         try:
             size = (await asyncio.to_thread(path.stat)).st_size
@@ -294,6 +314,7 @@ def build_app(control: Control, bus: EventBus, *, config_path: str) -> web.Appli
     app[CONTROL] = control
     app[BUS] = bus
     app[INFO] = {"started_at": time.time(), "config_path": config_path}
+    app[CLOSING] = asyncio.Event()
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/v1/models/{model}/explain", get_explain)
     app.router.add_post("/v1/models/{model}/scale", post_scale)
@@ -334,9 +355,13 @@ class ControlServer:
                     "Stop it, or set [control].socket_path",
                 )
             path.unlink()
-        self._runner = web.AppRunner(self._app, handle_signals=False, access_log=None)
+        # handler_cancellation: a client that goes away cancels its handler (a follower of
+        # the event stream must not linger until the next event)
+        self._runner = web.AppRunner(
+            self._app, handle_signals=False, access_log=None, handler_cancellation=True
+        )
         await self._runner.setup()
-        site = web.UnixSite(self._runner, str(path))
+        site = web.UnixSite(self._runner, str(path), shutdown_timeout=5.0)
         await site.start()
         path.chmod(int(self._spec.socket_mode, 8))
         if self._spec.socket_group:
@@ -352,9 +377,11 @@ class ControlServer:
 
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight (briefly), remove the socket."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        self._app[CLOSING].set()  # end followed streams now, not after the shutdown timeout
+        if self._runner is None:
+            return  # never started: the socket (maybe another fleetd's) is not ours to remove
+        await self._runner.cleanup()
+        self._runner = None
         with contextlib.suppress(FileNotFoundError):
             self._spec.socket_path.unlink()
 
