@@ -453,7 +453,9 @@ class MetricsSpec(_Frozen):
 
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Address to serve /metrics on.")
-    port: int = Field(9400, ge=1, le=65535, description="Port to serve /metrics on.")
+    port: int = Field(
+        9400, ge=0, le=65535, description="Port to serve /metrics on; 0 picks a free one."
+    )
     availability_target: float = Field(
         0.999, gt=0, le=1, description="Per-model availability objective (ready replica time)."
     )

@@ -358,10 +358,14 @@ class ControlServer:
         # handler_cancellation: a client that goes away cancels its handler (a follower of
         # the event stream must not linger until the next event)
         self._runner = web.AppRunner(
-            self._app, handle_signals=False, access_log=None, handler_cancellation=True
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
         )
         await self._runner.setup()
-        site = web.UnixSite(self._runner, str(path), shutdown_timeout=5.0)
+        site = web.UnixSite(self._runner, str(path))
         await site.start()
         path.chmod(int(self._spec.socket_mode, 8))
         if self._spec.socket_group:
