@@ -645,7 +645,7 @@ class Reconciler:
             else "not configured"
         )
         # whatever is left in its process group (vLLM's orphaned EngineCore) holds VRAM: end it
-        from fleetd.runtime.launcher import group_members  # noqa: PLC0415
+        from fleetd.runtime.launcher import group_members, wait_gone  # noqa: PLC0415
 
         leftovers = group_members(rec.pid)
         if handle is not None:
@@ -658,6 +658,8 @@ class Reconciler:
 
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(rec.pid, signal.SIGKILL)
+            # the first plan must not see their VRAM as taken: wait until they are gone
+            await wait_gone(leftovers, timeout_s=5.0)
         self._paths.records.remove(rec.key)
         self._bus.emit(
             "worker.record_dropped",

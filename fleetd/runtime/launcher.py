@@ -235,11 +235,11 @@ async def stop_group(
     orphans: list[int] = []
     if swept:
         handle.signal_group(signal.SIGKILL)
-        orphans = await _wait_gone(swept, timeout_s=5.0)
+        orphans = await wait_gone(swept, timeout_s=5.0)
     return StopOutcome(code, killed, tuple(swept), tuple(orphans))
 
 
-async def _wait_gone(pids: list[int], *, timeout_s: float) -> list[int]:
+async def wait_gone(pids: list[int], *, timeout_s: float) -> list[int]:
     """Wait until every pid has exited; a zombie counts as gone (its memory is already freed).
 
     These are not our children (their parent died), so no pidfd wait can reap them and
