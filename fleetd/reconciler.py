@@ -232,21 +232,6 @@ class Reconciler:
         self.kick()
         return changed
 
-    def vllm_worker(self, model: str, replica: int = 0) -> ProcessWorker | None:
-        """The live vLLM worker of a replica (the one that is wanted), if any."""
-        return next(
-            (w for (m, r, _), w in self._vllm.items() if m == model and r == replica and w.wanted),
-            None,
-        )
-
-    def ollama_slot(self, model: str, replica: int = 0) -> OllamaSlot | None:
-        """The Ollama slot of a replica (the wanted one), if any."""
-        for group in self._ollama.values():
-            for (m, r, _), slot in group.slots.items():
-                if m == model and r == replica and slot.wanted:
-                    return slot
-        return None
-
     async def wait_passes(self, count: int = 1, *, timeout_s: float = 30.0) -> None:
         """Wait until ``count`` more passes have completed (for tests and `--wait`)."""
         target = self.passes + count

@@ -34,7 +34,7 @@ from fleetd.model.worker import StopReason, WorkerState, WorkerStatus
 from fleetd.runtime.launcher import EngineStartError, rotate_log, stop_group
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
     from typing import Any
 
@@ -495,10 +495,3 @@ class ProcessWorker(StateOwner):
             self._forget_process(outcome.orphans)
         if self._state is not WorkerState.STOPPED:
             await self._set_state(WorkerState.STOPPED, "fleetd exited")
-
-
-def spawn_task(
-    group: asyncio.TaskGroup, coro: Coroutine[Any, Any, None], name: str
-) -> asyncio.Task[None]:
-    """Create a named task in ``group`` (the one place tasks are made)."""
-    return group.create_task(coro, name=name)
