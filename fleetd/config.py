@@ -387,14 +387,98 @@ class ControlSpec(_Frozen):
         return value
 
 
+class RouteRule(_Frozen):
+    """One `model="auto"` rule: a task header value or a prompt pattern -> a capability."""
+
+    capability: Capability = Field(description="What the request needs when the rule matches.")
+    task: str | None = Field(
+        None,
+        min_length=1,
+        description="Matches when the request's task header (gateway.task_header) equals this "
+        "value, case-insensitively.",
+    )
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        description="A Python regular expression searched in the request's last user message.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.task is None and self.prompt is None:
+            raise ValueError("a rule needs `task`, `prompt` or both")
+        return self
+
+
+DEFAULT_ROUTE_RULES: tuple[RouteRule, ...] = (
+    RouteRule(capability=Capability.CODE, task="code"),
+    RouteRule(capability=Capability.REASONING, task="reasoning"),
+    RouteRule(capability=Capability.VISION, task="vision"),
+    RouteRule(
+        capability=Capability.CODE,
+        prompt=r"\x60{3}|(?i:\b(?:code|function|python|rust|golang|javascript|typescript|sql|regex"
+        r"|compile[rs]?|stack ?trace|refactor|debug|bug)\b)",
+    ),
+    RouteRule(
+        capability=Capability.REASONING,
+        prompt=r"(?i:\b(?:prove|proof|step by step|reason(?:ing)? through|derive|theorem"
+        r"|puzzle|riddle)\b)",
+    ),
+)
+
+
 class GatewaySpec(_Frozen):
-    """The OpenAI-compatible endpoint in front of the fleet."""
+    """The OpenAI-compatible endpoint in front of the fleet (also Ollama's native API)."""
 
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean it.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port (tests, demos).")
     default_model: str | None = Field(
-        None, description='Model used for `model="auto"` requests no rule matches.'
+        None,
+        description='Model used for `model="auto"` requests no rule matches (default: the '
+        "highest-priority chat model).",
+    )
+    auto_model: str = Field(
+        "auto", min_length=1, description="The model name that asks the gateway to choose."
+    )
+    task_header: str = Field(
+        "X-Fleetd-Task", min_length=1, description="Request header the `task` rules look at."
+    )
+    rules: tuple[RouteRule, ...] = Field(
+        DEFAULT_ROUTE_RULES,
+        description='`model="auto"` rules, first match wins (image parts always pick '
+        "a vision model first). Default: task header code/reasoning/vision, then prompt "
+        "patterns for code and for reasoning.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File with one accepted API key per line (`Authorization: Bearer KEY`); "
+        "unset: no key needed. Read at start and on reload.",
+    )
+    max_request_mib: float = Field(
+        32.0, gt=0, le=1024, description="Largest request body accepted (images included)."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="Whole-request bound, streams included."
+    )
+    connect_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Connecting to an engine; past it the next replica is tried."
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="On shutdown: how long in-flight requests may run before engines stop.",
     )
 
 
@@ -501,9 +585,7 @@ class FleetConfig(_Frozen):
 
 # Keys the schema accepts that this version does not act on yet. `fleetd check-config`
 # prints them, so no key does nothing without saying so.
-NOT_YET_ACTIVE: dict[str, str] = {
-    "gateway": "the gateway is not built yet; [gateway] is validated but not served",
-}
+NOT_YET_ACTIVE: dict[str, str] = {}
 
 
 Problems = list[config_errors.Problem]
@@ -534,6 +616,12 @@ def _check_names(cfg: FleetConfig) -> Problems:
             claims.append((f"{where}.served_name", model.served_name))
         claims.extend((f"{where}.aliases[{j}]", alias) for j, alias in enumerate(model.aliases))
         for path, key in claims:
+            if key == cfg.gateway.auto_model:
+                problems.append(
+                    config_errors.Problem(
+                        path, key, "is gateway.auto_model, the name that asks the gateway to choose"
+                    )
+                )
             owner = owners.setdefault(key, i)
             if owner != i:
                 problems.append(

@@ -61,6 +61,8 @@ class Control:
         self.store = store
         self._load_config = load_config
         self.drained_workers: dict[str, tuple[str, int, str]] = {}
+        # others that follow a reload (the gateway's names, rules and keys)
+        self.config_listeners: list[Callable[[config.FleetConfig], None]] = []
 
     # -- start-up ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -211,6 +213,8 @@ class Control:
             )
             raise ControlError("config_invalid", exc.render()) from None
         changed = self.reconciler.set_config(new)
+        for listener in self.config_listeners:
+            listener(new)
         event = self.bus.emit(
             "config.reloaded",
             f"config reloaded by {caller.describe()}: {len(new.models)} model(s)"

@@ -6,8 +6,10 @@ launcher, engine commands). One asyncio TaskGroup holds the named tasks ``reconc
 SIGTERM/SIGINT ask for a stop (a second one forces it).
 
 Shutdown order: the reconciler stops planning (its task and the workers' owner tasks are
-cancelled), then the engines are stopped (or left running for the next fleetd, with
-``daemon.on_exit = "leave"``), then the GPU backend and the HTTP client close.
+cancelled), the control socket closes, the gateway stops accepting and lets requests in
+flight finish (bounded by ``gateway.drain_timeout_s``), then the engines are stopped (or left
+running for the next fleetd, with ``daemon.on_exit = "leave"``), then the GPU backend and
+the HTTP client close.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import structlog
 
 from fleetd.api.server import ControlServer, build_app
 from fleetd.control import Caller, Control, ControlError
+from fleetd.gateway.inflight import Inflight
+from fleetd.gateway.server import Gateway, GatewayError
 from fleetd.obs.alerts import AlertDispatcher, Outcome
 from fleetd.obs.events import EventBus
 from fleetd.obs.metrics import FleetMetrics, MetricsServer, MetricsServerError, follow_events
@@ -57,6 +61,7 @@ class Daemon:
     stop_requested: asyncio.Event
     force: asyncio.Event
     alerts: AlertDispatcher
+    gateway: Gateway | None = None
     metrics_url: str = ""
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
@@ -100,6 +105,7 @@ async def run_daemon(
         bus=bus,
         paths=Paths(cfg.daemon.log_dir, WorkerRecords(cfg.daemon.state_dir)),
         engine_env=dict(os.environ if engine_env is None else engine_env),
+        inflight=Inflight(),
     )
     control = Control(
         reconciler, bus, store=OverridesStore(cfg.daemon.state_dir), load_config=config_loader
@@ -114,18 +120,12 @@ async def run_daemon(
         else None
     )
     try:
-        await server.start()
-        if exporter is not None:
-            await exporter.start()
-            daemon.metrics_url = f"http://{cfg.metrics.host}:{exporter.port}/metrics"
-            bus.emit(
-                "metrics.listening",
-                f"metrics at http://{cfg.metrics.host}:{exporter.port}/metrics",
-                port=exporter.port,
-            )
-    except (ControlError, MetricsServerError) as exc:
+        await _start_servers(daemon, server, exporter)
+    except (ControlError, MetricsServerError, GatewayError) as exc:
         bus.emit("daemon.start_failed", str(exc))
         await server.stop()
+        if daemon.gateway is not None:
+            await daemon.gateway.stop()
         await _close(alerts, exporter, metrics_events, backend, probe)
         return 1
     if install_signals:
@@ -141,6 +141,8 @@ async def run_daemon(
     code = await _run_tasks(daemon, backend, on_started)
     daemon.notifier.stopping("stopping: " + summary(daemon))
     await server.stop()  # 1. stop accepting operator commands
+    if daemon.gateway is not None:  # 2. no new requests; in-flight ones finish (bounded)
+        await daemon.gateway.stop()
     # the config in force now: a reload may have switched on_exit (the upgrade procedure)
     leave = daemon.reconciler.cfg.daemon.on_exit == "leave"
     if not await _shutdown(daemon, leave_running=leave):
@@ -151,6 +153,27 @@ async def run_daemon(
             loop.remove_signal_handler(sig)
     bus.emit("daemon.stopped", "fleetd stopped", exit_code=code)
     return code
+
+
+async def _start_servers(
+    daemon: Daemon, server: ControlServer, exporter: MetricsServer | None
+) -> None:
+    """Control socket, gateway, metrics: each raises its own error naming the problem."""
+    cfg, bus = daemon.cfg, daemon.bus
+    await server.start()
+    if cfg.gateway.enabled:
+        gateway = Gateway(cfg, daemon.reconciler.replicas, bus, daemon.reconciler.inflight)
+        await gateway.start()
+        daemon.gateway = gateway
+        daemon.control.config_listeners.append(gateway.set_config)
+    if exporter is not None:
+        await exporter.start()
+        daemon.metrics_url = f"http://{cfg.metrics.host}:{exporter.port}/metrics"
+        bus.emit(
+            "metrics.listening",
+            f"metrics at http://{cfg.metrics.host}:{exporter.port}/metrics",
+            port=exporter.port,
+        )
 
 
 async def _close(

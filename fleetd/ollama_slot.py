@@ -3,8 +3,10 @@
 Ollama runs one server per GPU (a ``ProcessWorker``) and each placed model is a slot in it,
 with its own state and owner task. Loading is an empty-prompt /api/generate with
 ``keep_alive: -1`` (the model stays until told otherwise), verified in /api/ps; unloading is
-``keep_alive: 0`` and waits until /api/ps no longer lists it. Ollama itself waits for the
-model's in-flight requests before it expires the runner, so unloading drains.
+``keep_alive: 0`` and waits until /api/ps no longer lists it. A planned unload first drains:
+the slot leaves READY (the gateway stops routing to it) and waits, bounded by the model's
+``drain_timeout_s``, until the gateway has no request in flight there; Ollama itself also
+waits for a model's running requests before it expires the runner.
 
 Loads take the GPU's lock (like vLLM starts) so that Ollama's own free-memory estimate is not
 disturbed by a neighbour starting at the same moment, and partial offload is bounded by
@@ -17,7 +19,9 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+from fleetd.config import Capability
 from fleetd.engines import ollama as adapter
+from fleetd.gateway.inflight import Inflight, target_id
 from fleetd.lifecycle import StateOwner
 from fleetd.model import units
 from fleetd.model.worker import ROUTABLE_STATES, WorkerState, WorkerStatus
@@ -43,6 +47,7 @@ class OllamaSlot(StateOwner):
         probe: HttpProbe,
         clock: Clock,
         bus: EventBus,
+        inflight: Inflight | None = None,
     ) -> None:
         name = spec.name if replica == 0 else f"{spec.name}#{replica}"
         super().__init__(
@@ -59,6 +64,9 @@ class OllamaSlot(StateOwner):
         self._reload = False
         self.restarts = 0
         self.vram_mib: int | None = None
+        self._inflight = inflight or Inflight()
+        self._failures = 0  # loads failed in a row
+        self.target = target_id(name, serve.spec.gpu_uuid)
 
     @property
     def base_url(self) -> str:
@@ -81,7 +89,8 @@ class OllamaSlot(StateOwner):
         self._wake.set()
 
     def restart(self) -> None:
-        """Unload and load again (fleetctl restart)."""
+        """Unload and load again (fleetctl restart); a FAILED slot gets a fresh start."""
+        self._failures = 0
         self._reload = True
         self._want_loaded = True
         self._wake.set()
@@ -161,11 +170,14 @@ class OllamaSlot(StateOwner):
                     return
             await self._set_state(WorkerState.STARTING, f"loading {self._tag} (keep_alive -1)")
             body = adapter.load_request(self._tag, num_gpu=await self._gpu_layers())
+            # embedding models have no /api/generate; an /api/embed without input loads them
+            path = "/api/embed" if Capability.EMBEDDINGS in spec.capabilities else "/api/generate"
             result = await self._probe.post_json(
-                f"{self.base_url}/api/generate", body, timeout_s=spec.health.start_timeout_s
+                f"{self.base_url}{path}", body, timeout_s=spec.health.start_timeout_s
             )
             loaded = await self._loaded()
         if result.ok and self._tag in loaded:
+            self._failures = 0
             size_mib, vram_mib = loaded[self._tag]
             self.vram_mib = vram_mib
             note = f"size {size_mib} MiB, {vram_mib} MiB in VRAM"
@@ -190,8 +202,29 @@ class OllamaSlot(StateOwner):
                 f"{why}; pull it first: `ollama pull {self._tag}` on this host",
             )
             return
-        await self._set_state(WorkerState.BACKOFF, why)
-        await self._nap(spec.health.backoff_initial_s)
+        if "does not support generate" in str(error):
+            why += "; an embedding model: add 'embeddings' to its capabilities"
+        await self._back_off(why)
+
+    async def _back_off(self, why: str) -> None:
+        """BACKOFF for a growing delay (reconcile nudges do not cut it short), or FAILED."""
+        health = self.spec.health
+        self._failures += 1
+        if self._failures > health.max_restarts:
+            await self._set_state(
+                WorkerState.FAILED,
+                f"{why}; {self._failures} loads failed in a row: fix it, then "
+                f"`fleetctl restart {self.name}`",
+            )
+            return
+        delay_s = min(health.backoff_max_s, health.backoff_initial_s * 2 ** (self._failures - 1))
+        await self._set_state(WorkerState.BACKOFF, f"{why}; retry in {delay_s:.1f} s")
+        deadline = self._clock.monotonic() + delay_s
+        while self._want_loaded and not self._reload:
+            left = deadline - self._clock.monotonic()
+            if left <= 0:
+                break
+            await self._nap(left)
 
     async def _gpu_layers(self) -> int | None:
         """num_gpu that keeps a partially offloaded model inside its budget (None: all of it).
@@ -234,7 +267,21 @@ class OllamaSlot(StateOwner):
             )
             await self._set_state(WorkerState.BACKOFF, "unloaded behind fleetd's back; reloading")
 
+    async def _drain(self) -> None:
+        """READY -> DRAINING, then wait (bounded) until the gateway has nothing in flight here."""
+        busy = self._inflight.count(self.target)
+        await self._set_state(
+            WorkerState.DRAINING, f"draining before unload: {busy} request(s) in flight"
+        )
+        deadline = self._clock.monotonic() + self.spec.health.drain_timeout_s
+        while self._inflight.count(self.target) and self._clock.monotonic() < deadline:
+            if self.serve.state not in ROUTABLE_STATES:
+                return
+            await self._clock.sleep(0.05)
+
     async def _unload(self) -> None:
+        if self._state is WorkerState.READY and self.serve.state in ROUTABLE_STATES:
+            await self._drain()
         if self._state in (WorkerState.READY, WorkerState.STARTING):
             await self._set_state(WorkerState.STOPPING, f"unloading {self._tag} (keep_alive 0)")
         elif self._state is WorkerState.DRAINING:

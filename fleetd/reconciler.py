@@ -24,6 +24,8 @@ import structlog
 from fleetd.config import Engine, FleetConfig, ModelSpec
 from fleetd.engines import ollama as ollama_adapter
 from fleetd.engines import vllm as vllm_adapter
+from fleetd.gateway.inflight import Inflight, target_id
+from fleetd.gateway.routing import Replica
 from fleetd.model.worker import RUNNING_STATES, StopReason, WorkerState, WorkerStatus
 from fleetd.ollama_slot import OllamaSlot
 from fleetd.planning import placement
@@ -59,11 +61,20 @@ ReplicaKey = tuple[str, int, str]  # (model, replica, gpu uuid)
 class VllmChecks:
     """Readiness and liveness of one ``vllm serve``."""
 
-    def __init__(self, probe: HttpProbe, base_url: str, served: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        probe: HttpProbe,
+        base_url: str,
+        served: str,
+        *,
+        timeout_s: float,
+        gateway_busy: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._probe = probe
         self._base = base_url
         self._served = served
         self._timeout_s = timeout_s
+        self._gateway_busy = gateway_busy
 
     async def ready(self) -> ProbeResult:
         """/health 200 and the served name in /v1/models."""
@@ -84,7 +95,12 @@ class VllmChecks:
         return await self._probe.get(vllm_adapter.health_url(self._base), timeout_s=self._timeout_s)
 
     async def idle(self) -> bool | None:
-        """vllm:num_requests_running == 0 (None when /metrics does not say)."""
+        """No request in flight through the gateway, and vllm:num_requests_running == 0.
+
+        None when /metrics does not say (then the gateway's count alone decides).
+        """
+        if self._gateway_busy():
+            return False
         url = vllm_adapter.metrics_url(self._base)
         text = await self._probe.get_text(url, timeout_s=self._timeout_s)
         if text is None:
@@ -143,9 +159,11 @@ class Reconciler:
         paths: Paths,
         engine_env: Mapping[str, str],
         overrides: Overrides | None = None,
+        inflight: Inflight | None = None,
     ) -> None:
         self.cfg = cfg
         self.overrides = overrides or Overrides()
+        self.inflight = inflight or Inflight()  # the gateway's counts: drains wait for them
         self._backend = backend
         self._launcher = launcher
         self._probe = probe
@@ -181,6 +199,46 @@ class Reconciler:
             out.append(group.serve.status())
             out.extend(slot.status() for slot in group.slots.values())
         return sorted(out, key=lambda s: (s.gpu_index, s.name))
+
+    def replicas(self, inflight: Inflight) -> list[Replica]:
+        """Every ready vLLM worker and loaded Ollama model, for the gateway's routing."""
+        out: list[Replica] = []
+        for (model, _replica, gpu), worker in self._vllm.items():
+            spec = self.cfg.model_named(model)
+            if worker.state is not WorkerState.READY or spec is None:
+                continue
+            target = target_id(worker.name, gpu)
+            out.append(
+                Replica(
+                    target=target,
+                    worker=worker.name,
+                    model=model,
+                    engine=Engine.VLLM,
+                    base_url=f"http://127.0.0.1:{worker.spec.port}",
+                    upstream_model=spec.served,
+                    outstanding=inflight.count(target),
+                )
+            )
+        for group in self._ollama.values():
+            if group.serve.state is not WorkerState.READY:
+                continue
+            for (model, _replica, gpu), slot in group.slots.items():
+                spec = self.cfg.model_named(model)
+                if slot.state is not WorkerState.READY or spec is None:
+                    continue
+                target = target_id(slot.name, gpu)
+                out.append(
+                    Replica(
+                        target=target,
+                        worker=slot.name,
+                        model=model,
+                        engine=Engine.OLLAMA,
+                        base_url=slot.base_url,
+                        upstream_model=ollama_adapter.normalise(spec.model),
+                        outstanding=inflight.count(target),
+                    )
+                )
+        return out
 
     def find(self, name: str) -> ProcessWorker | OllamaSlot | None:
         """The wanted worker or model slot with this display name (else any with it)."""
@@ -413,6 +471,7 @@ class Reconciler:
                 probe=self._probe,
                 clock=self._clock,
                 bus=self._bus,
+                inflight=self.inflight,
             )
             group.slots[key] = slot
             self._start_task(slot)
@@ -504,8 +563,13 @@ class Reconciler:
             health=spec.health,
             drain_timeout_s=spec.health.drain_timeout_s,
         )
+        target = target_id(name, gpu.uuid)
         checks = VllmChecks(
-            self._probe, launch.base_url, spec.served, timeout_s=spec.health.probe_timeout_s
+            self._probe,
+            launch.base_url,
+            spec.served,
+            timeout_s=spec.health.probe_timeout_s,
+            gateway_busy=lambda: self.inflight.count(target),
         )
         return self._worker(wspec, checks, key=key, model=spec.name, replica=replica)
 

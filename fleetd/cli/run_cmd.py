@@ -55,7 +55,9 @@ async def _run_real(cfg: config.FleetConfig, path: Path) -> int:
     )
 
 
-def demo_config(cfg: config.FleetConfig, root: Path, *, emulate: bool = True) -> config.FleetConfig:
+def demo_config(
+    cfg: config.FleetConfig, root: Path, *, emulate: bool = True, gateway_port: int | None = None
+) -> config.FleetConfig:
     """The config rewritten for the sandbox in ``root`` (emulated engines, local state)."""
     python = sys.executable
     engines = (
@@ -80,8 +82,19 @@ def demo_config(cfg: config.FleetConfig, root: Path, *, emulate: bool = True) ->
     )
     # an ephemeral port, so demos and tests never collide; the banner prints it
     metrics = cfg.metrics.model_copy(update={"port": 0})
+    gateway = (
+        cfg.gateway
+        if gateway_port is None
+        else cfg.gateway.model_copy(update={"port": gateway_port})
+    )
     return cfg.model_copy(
-        update={"engines": engines, "daemon": daemon, "control": control, "metrics": metrics}
+        update={
+            "engines": engines,
+            "daemon": daemon,
+            "control": control,
+            "metrics": metrics,
+            "gateway": gateway,
+        }
     )
 
 
@@ -94,7 +107,7 @@ async def _run_demo(args: argparse.Namespace) -> int:
     source = args.config or default_config_path()
     base = config.load_config(source)
     root = (args.dir or Path(tempfile.gettempdir()) / f"fleetd-demo-{os.getuid()}").resolve()
-    cfg = demo_config(base, root, emulate=not args.real_engines)
+    cfg = demo_config(base, root, emulate=not args.real_engines, gateway_port=args.gateway_port)
     fleetd_logging.configure(cfg.daemon.log_format)
     sim_dir = root / "sim"
     gpus = [(g.name, g.total_mib, g.reserved_mib) for g in cfg.simulation.gpus]
@@ -102,7 +115,11 @@ async def _run_demo(args: argparse.Namespace) -> int:
     env = {**os.environ, ENV_SIM_DIR: str(sim_dir), ENV_LOAD_S: str(args.load_s)}
 
     async def banner(daemon: Daemon) -> None:
-        print(_banner(source, root, daemon.metrics_url), flush=True)
+        gateway = daemon.gateway
+        gateway_url = (
+            f"http://{daemon.cfg.gateway.host}:{gateway.port}/v1" if gateway is not None else ""
+        )
+        print(_banner(source, root, daemon.metrics_url, gateway_url), flush=True)
         if args.duration is not None:
             await asyncio.sleep(args.duration)
             daemon.request_stop()
@@ -113,13 +130,16 @@ async def _run_demo(args: argparse.Namespace) -> int:
         engine_env=env,
         on_started=banner,
         config_loader=lambda: demo_config(
-            config.load_config(source), root, emulate=not args.real_engines
+            config.load_config(source),
+            root,
+            emulate=not args.real_engines,
+            gateway_port=args.gateway_port,
         ),
         config_path=str(source),
     )
 
 
-def _banner(source: Path, root: Path, metrics_url: str) -> str:
+def _banner(source: Path, root: Path, metrics_url: str, gateway_url: str) -> str:
     return "\n".join(
         [
             "",
@@ -131,6 +151,8 @@ def _banner(source: Path, root: Path, metrics_url: str) -> str:
             f"  control socket   {root / 'control.sock'}",
             f"     export FLEETD_SOCKET={root / 'control.sock'}; fleetctl status",
             f"  metrics          {metrics_url or '(disabled)'}",
+            f"  gateway          {gateway_url or '(disabled)'}  (OpenAI API; Ollama API at /api)",
+            f"     curl {gateway_url or 'http://127.0.0.1:8000/v1'}/models",
             "  try: kill -9 a worker's pid (see the events below) and watch it come back;",
             f"       fleetd plan {source} --simulate --lost 0   # what if gpu0 dies?",
             "  stop: Ctrl-C (engines are stopped; nothing is left running)",

@@ -50,6 +50,7 @@ def fleet_toml(
     vllm_env: str = "",
     ports: int = 0,
     vllm_command: str | list[str] = "",
+    gateway: str = "",
 ) -> str:
     """A config for a test fleet: emulated engines, fast health settings, state under root."""
     python = sys.executable
@@ -75,7 +76,7 @@ command = ["{python}", "-m", "fleetd.sim.ollama"]
 ports = {{ first = {base + 40}, last = {base + 79} }}
 
 [gateway]
-port = {base + 90}
+{gateway if "port" in gateway else "port = 0" + chr(10) + gateway}
 
 [control]
 socket_path = "{root / "control.sock"}"
