@@ -231,7 +231,7 @@ def under_fleetd(tmp: Path, kills: int, idle_s: float) -> dict[str, Any]:
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetd", "demo", "--config", str(cfg), "--dir", str(root),
-         "--load-s", str(LOAD_S)],
+         "--load-s", str(LOAD_S), "--gateway-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     log = EventLog(proc)

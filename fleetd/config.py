@@ -299,6 +299,36 @@ class GpusSpec(_Frozen):
         "Unset: whatever NVML finds.",
     )
     device: tuple[GpuOverride, ...] = Field((), description="Per-GPU overrides.")
+    health_debounce_s: float = Field(
+        2.0,
+        ge=0,
+        le=600,
+        description="A GPU's health changes for placement only after it has been reported "
+        "this long (one NVML timeout does not move a model).",
+    )
+    failback: Literal["manual", "auto"] = Field(
+        "auto",
+        description="After a fault fleetd cordons the GPU. manual: it stays cordoned until "
+        "`fleetctl uncordon`. auto: uncordoned once healthy for failback_after_s.",
+    )
+    failback_after_s: float = Field(
+        300.0, ge=0, le=86400, description="auto failback: how long the GPU must stay healthy."
+    )
+    max_moves: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="A GPU evacuated this many times within moves_window_s is flapping: no "
+        "auto failback until an operator uncordons it.",
+    )
+    moves_window_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    xid_restart_holdoff_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="After an application-level XID restarts a GPU's workers, further such "
+        "XIDs on that GPU within this time restart nothing more.",
+    )
 
 
 class PortRange(_Frozen):

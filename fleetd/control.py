@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 from fleetd.errors import ConfigError, FleetdError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from fleetd import config
-    from fleetd.api.schemas import ActionResult
+    from fleetd.api.schemas import ActionResult, GatewayJson
     from fleetd.obs.events import EventBus
     from fleetd.overrides_store import OverridesStore
+    from fleetd.planning.gpu_faults import Change
     from fleetd.planning.types import Overrides
     from fleetd.reconciler import Reconciler
 
@@ -63,6 +64,7 @@ class Control:
         self.drained_workers: dict[str, tuple[str, int, str]] = {}
         # others that follow a reload (the gateway's names, rules and keys)
         self.config_listeners: list[Callable[[config.FleetConfig], None]] = []
+        self.gateway_status: Callable[[], GatewayJson] | None = None  # set when it runs
 
     # -- start-up ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -175,8 +177,11 @@ class Control:
         cordoned = ov.cordoned | {uuid} if on else ov.cordoned - {uuid}
         verb = "cordon" if on else "uncordon"
         what = "running work stays, nothing new is placed" if on else "placements allowed again"
+        if not on and uuid in ov.fault_cordoned:
+            what += " (manual failback after a fault)"
+            self.reconciler.faults.forget_flapping(uuid)
         return self._apply(
-            dataclasses.replace(ov, cordoned=cordoned),
+            dataclasses.replace(ov, cordoned=cordoned, fault_cordoned=ov.fault_cordoned - {uuid}),
             f"operator.{verb}",
             f"{verb} {label}: {what}",
             caller,
@@ -223,6 +228,37 @@ class Control:
             pid=caller.pid,
         )
         return {"ok": True, "message": event.message, "event_seq": event.seq}
+
+    def gpu_changes(self, changes: Sequence[Change]) -> None:
+        """Act on the fault policy's decisions: events, fault cordons, failbacks (persisted)."""
+        ov = self.reconciler.overrides
+        for change in changes:
+            fields: dict[str, object] = {"gpu": change.label, "gpu_uuid": change.uuid}
+            if change.kind == "health":
+                self.bus.emit(
+                    f"gpu.{change.new.value}", change.reason, was=change.old.value, **fields
+                )
+            elif change.kind == "cordon":
+                if change.uuid in ov.cordoned and change.uuid not in ov.fault_cordoned:
+                    continue  # an operator's cordon: theirs to lift
+                ov = dataclasses.replace(
+                    ov,
+                    cordoned=ov.cordoned | {change.uuid},
+                    fault_cordoned=ov.fault_cordoned | {change.uuid},
+                )
+                self.bus.emit("gpu.fault_cordoned", change.reason, **fields)
+            elif change.kind == "uncordon":
+                ov = dataclasses.replace(
+                    ov,
+                    cordoned=ov.cordoned - {change.uuid},
+                    fault_cordoned=ov.fault_cordoned - {change.uuid},
+                )
+                self.bus.emit("gpu.failback", change.reason, **fields)
+            else:
+                self.bus.emit("gpu.flapping", change.reason, **fields)
+        if ov is not self.reconciler.overrides:
+            self.store.save(ov, self.drained_workers)
+            self.reconciler.overrides = ov
 
     # -- helpers -----------------------------------------------------------------------------
     def _apply(

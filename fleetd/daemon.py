@@ -27,6 +27,7 @@ from fleetd.api.server import ControlServer, build_app
 from fleetd.control import Caller, Control, ControlError
 from fleetd.gateway.inflight import Inflight
 from fleetd.gateway.server import Gateway, GatewayError
+from fleetd.model import xid as xid_catalogue
 from fleetd.obs.alerts import AlertDispatcher, Outcome
 from fleetd.obs.events import EventBus
 from fleetd.obs.metrics import FleetMetrics, MetricsServer, MetricsServerError, follow_events
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from fleetd.config import FleetConfig
-    from fleetd.model.gpu import GpuHealth
     from fleetd.runtime.gpu import GpuBackend
     from fleetd.runtime.launcher import Launcher
 
@@ -111,6 +111,7 @@ async def run_daemon(
         reconciler, bus, store=OverridesStore(cfg.daemon.state_dir), load_config=config_loader
     )
     control.restore()
+    reconciler.on_gpu_changes = control.gpu_changes
     daemon = Daemon(cfg, bus, reconciler, control, asyncio.Event(), asyncio.Event(), alerts)
     reconciler.on_pass = lambda seconds, ok: metrics.observe_reconcile(seconds, ok=ok)
     server = ControlServer(build_app(control, bus, config_path=config_path), cfg.control)
@@ -166,6 +167,7 @@ async def _start_servers(
         await gateway.start()
         daemon.gateway = gateway
         daemon.control.config_listeners.append(gateway.set_config)
+        daemon.control.gateway_status = gateway.status_json
     if exporter is not None:
         await exporter.start()
         daemon.metrics_url = f"http://{cfg.metrics.host}:{exporter.port}/metrics"
@@ -310,8 +312,10 @@ def _shutdown_budget_s(cfg: FleetConfig) -> float:
 
 
 async def _gpu_monitor(backend: GpuBackend, bus: EventBus, reconciler: Reconciler) -> None:
-    """Turn driver events into fleetd events and reconcile passes; report health changes."""
-    health: dict[str, GpuHealth] = {}
+    """Turn driver events into fleetd events, XID actions and reconcile passes.
+
+    Health changes are reported by the reconciler's fault policy (debounced), not here.
+    """
     while True:
         events = await backend.wait_events(1.0)
         for event in events:
@@ -321,19 +325,9 @@ async def _gpu_monitor(backend: GpuBackend, bus: EventBus, reconciler: Reconcile
                 gpu_uuid=event.uuid,
                 xid=event.xid,
             )
-        host = reconciler.host
-        if host is not None:
-            for gpu in host.gpus:
-                old = health.get(gpu.uuid)
-                if old is not None and old is not gpu.health:
-                    bus.emit(
-                        f"gpu.{gpu.health.value}",
-                        f"gpu{gpu.index} is {gpu.health.value}"
-                        + (f": {gpu.health_reason}" if gpu.health_reason else ""),
-                        gpu=gpu.index,
-                        gpu_uuid=gpu.uuid,
-                        was=old.value,
-                    )
-                health[gpu.uuid] = gpu.health
+            if event.xid is not None and xid_catalogue.action_for(event.xid) is (
+                xid_catalogue.XidAction.RESTART_APP
+            ):
+                reconciler.restart_on_gpu(event.uuid, event.detail or f"XID {event.xid}")
         if events:
             reconciler.kick()

@@ -31,6 +31,7 @@ def to_json(ov: Overrides, drained_workers: dict[str, tuple[str, int, str]]) -> 
         "format": FORMAT,
         "replicas": dict(sorted(ov.replicas.items())),
         "cordoned": sorted(ov.cordoned),
+        "fault_cordoned": sorted(ov.fault_cordoned),
         "drained_gpus": sorted(ov.drained),
         "drained_models": sorted(ov.drained_models),
         "drained_workers": {
@@ -50,7 +51,7 @@ def from_json(doc: Any) -> tuple[Overrides, dict[str, tuple[str, int, str]]]:  #
     ):
         raise _FormatError("replicas must map model names to whole numbers >= 0")
     lists = {}
-    for key in ("cordoned", "drained_gpus", "drained_models"):
+    for key in ("cordoned", "fault_cordoned", "drained_gpus", "drained_models"):
         value = doc.get(key, [])
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise _FormatError(f"{key} must be a list of strings")
@@ -71,6 +72,7 @@ def from_json(doc: Any) -> tuple[Overrides, dict[str, tuple[str, int, str]]]:  #
     ov = Overrides(
         replicas=dict(replicas),
         cordoned=lists["cordoned"],
+        fault_cordoned=lists["fault_cordoned"] & lists["cordoned"],
         drained=lists["drained_gpus"],
         drained_models=lists["drained_models"],
         avoid=frozenset(workers.values()),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from fleetd.gateway.routing import Replica
 from fleetd.model.worker import RUNNING_STATES, StopReason, WorkerState, WorkerStatus
 from fleetd.ollama_slot import OllamaSlot
 from fleetd.planning import placement
+from fleetd.planning.gpu_faults import Change, FaultPolicy, GpuFaults
 from fleetd.planning.types import CurrentReplica, Overrides, Plan, StopCause
 from fleetd.runtime.health import HttpProbe, ProbeResult
 from fleetd.state import WorkerRecord, WorkerRecords, safe_key
@@ -186,6 +188,12 @@ class Reconciler:
         self.passes = 0
         self.last_pass_s: float | None = None  # loop time of the last completed pass
         self.passed = asyncio.Condition()
+        self.faults = GpuFaults(fault_policy(cfg))
+        self.on_gpu_changes: Callable[[list[Change]], None] | None = None  # Control persists
+        # (model, replica, GPU UUID) -> loop time until which a crash-looping replica avoids it
+        self.crash_avoid: dict[tuple[str, int, str], float] = {}
+        self._xid_restarts: dict[str, float] = {}  # GPU UUID -> loop time of the last one
+        self._recheck: asyncio.TimerHandle | None = None
 
     # -- public ---------------------------------------------------------------------------
     def kick(self) -> None:
@@ -275,6 +283,7 @@ class Reconciler:
         """Adopt a new (validated) config; workers whose spec changed restart. Returns them."""
         old = {m.name: m for m in self.cfg.models}
         self.cfg = cfg
+        self.faults.policy = fault_policy(cfg)
         changed = []
         for (model, _replica, _gpu), worker in self._vllm.items():
             spec = cfg.model_named(model)
@@ -328,14 +337,21 @@ class Reconciler:
                 self._kick.set()
 
     async def reconcile_once(self) -> Plan:
-        """One pass: observe, plan, act."""
-        host = await self._backend.snapshot()
+        """One pass: observe (health debounced by the fault policy), plan, act."""
+        raw = await self._backend.snapshot()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        host, changes = self.faults.observe(raw, now, fault_cordoned=self.overrides.fault_cordoned)
+        if changes and self.on_gpu_changes is not None:
+            self.on_gpu_changes(changes)  # may cordon or uncordon: self.overrides changes
         self.host = host
+        self._failover_crash_loops(now)
+        self._schedule_recheck(now)
         current, releasing = self._current()
         plan = placement.plan(
             self.cfg.models,
             host,
-            overrides=self.overrides,
+            overrides=self._effective_overrides(now),
             current=current,
             reserved_mib=self._reserved(host),
             releasing_pids=releasing,
@@ -355,6 +371,70 @@ class Reconciler:
         async with self.passed:
             self.passed.notify_all()
         return plan
+
+    def restart_on_gpu(self, uuid: str, why: str) -> list[str]:
+        """An application-level XID: restart our engines on that GPU (once per holdoff)."""
+        now = asyncio.get_running_loop().time()
+        last = self._xid_restarts.get(uuid)
+        if last is not None and now - last < self.cfg.gpus.xid_restart_holdoff_s:
+            return []
+        self._xid_restarts[uuid] = now
+        names = []
+        workers = [w for (_m, _r, gpu), w in self._vllm.items() if gpu == uuid]
+        workers += [g.serve for gpu, g in self._ollama.items() if gpu == uuid]
+        for worker in workers:
+            if worker.wanted and worker.pid is not None:
+                worker.restart()
+                names.append(worker.name)
+        if names:
+            self._bus.emit(
+                "gpu.xid_error",
+                f"{why}: restarting {', '.join(names)} on that GPU",
+                gpu_uuid=uuid,
+                workers=names,
+            )
+        return names
+
+    def _effective_overrides(self, now: float) -> Overrides:
+        """The operator's overrides plus fleetd's own: crash-loop avoids, cordon reasons."""
+        ov = self.overrides
+        avoid = ov.avoid | {key for key, until in self.crash_avoid.items() if until > now}
+        reasons = {uuid: self.faults.describe(uuid, now) for uuid in ov.fault_cordoned}
+        return dataclasses.replace(ov, avoid=avoid, cordon_reasons=reasons)
+
+    def _failover_crash_loops(self, now: float) -> None:
+        """A replica that crash-loops on a GPU moves: the GPU may be the problem."""
+        hold_s = self.cfg.gpus.failback_after_s
+        for key in [k for k, until in self.crash_avoid.items() if until <= now]:
+            del self.crash_avoid[key]
+        for key, worker in self._vllm.items():
+            if worker.state is not WorkerState.FAILED or not worker.wanted:
+                continue
+            if key in self.crash_avoid:
+                continue
+            model, _replica, gpu = key
+            others = [g for g in (self.host.gpus if self.host else ()) if g.uuid != gpu]
+            if not others:
+                continue
+            self.crash_avoid[key] = now + max(hold_s, 60.0)
+            label = worker.spec.gpu_index
+            self._bus.emit(
+                "worker.failover",
+                f"{worker.name} crash-looped on gpu{label} ({worker.reason}); placing "
+                f"{model} on another GPU for {max(hold_s, 60.0):.0f} s",
+                worker=worker.name,
+                model=model,
+                gpu=label,
+            )
+
+    def _schedule_recheck(self, now: float) -> None:
+        """A pass when a debounce or failback timer may have run out (not just at resync)."""
+        delay = self.faults.next_check_s(now, self.overrides.fault_cordoned)
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        if delay is not None:
+            self._recheck = asyncio.get_running_loop().call_later(delay + 0.01, self.kick)
 
     async def shutdown(self, *, leave_running: bool) -> None:
         """After the run task was cancelled: stop every engine (or leave them for adoption)."""
@@ -716,6 +796,18 @@ class Reconciler:
             + (f"; killed leftover pids {leftovers}" if leftovers else ""),
             worker=rec.name,
         )
+
+
+def fault_policy(cfg: FleetConfig) -> FaultPolicy:
+    """The fault policy's knobs from ``[gpus]``."""
+    g = cfg.gpus
+    return FaultPolicy(
+        debounce_s=g.health_debounce_s,
+        failback=g.failback,
+        failback_after_s=g.failback_after_s,
+        max_moves=g.max_moves,
+        moves_window_s=g.moves_window_s,
+    )
 
 
 def _tree(handle: ProcessHandle | None) -> frozenset[int]:

@@ -102,6 +102,7 @@ class WorkerJson(TypedDict):
     pid: int | None
     vram_mib: int | None  # measured (NVML per-process memory / Ollama size_vram)
     budget_mib: int
+    in_flight: int  # requests the gateway has running there now
 
 
 class PendingJson(TypedDict):
@@ -117,9 +118,24 @@ class OverridesJson(TypedDict):
 
     replicas: dict[str, int]
     cordoned: list[str]  # GPU UUIDs
+    fault_cordoned: list[str]  # those fleetd cordoned after a fault (auto failback lifts them)
     drained_gpus: list[str]  # GPU UUIDs
     drained_models: list[str]
     drained_workers: list[str]  # worker names
+
+
+class GatewayJson(TypedDict):
+    """The gateway's address and counters since fleetd started."""
+
+    url: str
+    in_flight: int
+    requests: int
+    retries: int  # tries on a further replica before the first byte
+    fallbacks: int  # answered by a fallback model
+    refused: int  # answered by the gateway itself: bad request, unknown model, no replica, ...
+    upstream_failed: int  # every candidate failed before answering (502)
+    mid_stream_failures: int  # an engine died mid-stream: the client got an error event
+    client_disconnects: int
 
 
 class Status(TypedDict):
@@ -134,6 +150,7 @@ class Status(TypedDict):
     pending: list[PendingJson]
     overrides: OverridesJson
     config_path: str
+    gateway: GatewayJson | None  # None when [gateway] enabled = false
 
 
 class Explain(TypedDict):

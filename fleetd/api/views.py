@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fleetd import __version__
+from fleetd.gateway.inflight import target_id
 from fleetd.model.units import fmt_gib
 from fleetd.model.worker import WorkerState
 
@@ -82,6 +83,7 @@ def status(control: Control, *, started_at: float, config_path: str, now_s: floa
         "pending": pending,
         "overrides": overrides_json(control),
         "config_path": config_path,
+        "gateway": control.gateway_status() if control.gateway_status is not None else None,
     }
 
 
@@ -91,6 +93,7 @@ def overrides_json(control: Control) -> OverridesJson:
     return {
         "replicas": dict(sorted(ov.replicas.items())),
         "cordoned": sorted(ov.cordoned),
+        "fault_cordoned": sorted(ov.fault_cordoned),
         "drained_gpus": sorted(ov.drained),
         "drained_models": sorted(ov.drained_models),
         "drained_workers": sorted(control.drained_workers),
@@ -118,6 +121,7 @@ def _worker(w: WorkerStatus, rec: Reconciler, now_s: float) -> WorkerJson:
         "restarts": w.restarts,
         "port": w.port,
         "pid": w.pid,
+        "in_flight": rec.inflight.count(target_id(w.name, w.gpu_uuid)),
         "vram_mib": vram if isinstance(vram, int) else None,
         "budget_mib": w.budget_mib,
     }
@@ -168,8 +172,10 @@ def explain(control: Control, model: str, bus: EventBus, *, now_s: float) -> Exp
     recent = [
         e
         for e in bus.recent(kinds=("worker.", "operator.", "gpu."))
-        if e.fields.get("worker", "").split("#")[0] == model or e.fields.get("model") == model
-    ][-5:]
+        if e.fields.get("worker", "").split("#")[0] == model
+        or e.fields.get("model") == model
+        or e.kind in _GPU_STORY  # the faults that moved everything
+    ][-8:]
     if recent:
         lines.append("Recent events:")
         lines.extend(
@@ -197,6 +203,19 @@ def explain(control: Control, model: str, bus: EventBus, *, now_s: float) -> Exp
             {"model": pp.model, "replica": pp.replica, "reason": pp.reason} for pp in pending
         ],
     }
+
+
+_GPU_STORY = frozenset(
+    {
+        "gpu.lost",
+        "gpu.degraded",
+        "gpu.healthy",
+        "gpu.fault_cordoned",
+        "gpu.failback",
+        "gpu.flapping",
+        "gpu.xid_error",
+    }
+)
 
 
 def _ago(seconds: float) -> str:

@@ -351,7 +351,15 @@ def render_status(status: Status, *, width: int, colour: bool) -> list[str]:
         f"fleetd {status['version']}  pid {status['pid']}  up {fmt_duration(status['uptime_s'])}"
         f"  backend {status['backend']}  config {status['config_path']}"
     )
-    out = [clip(head, width), ""]
+    out = [clip(head, width)]
+    gateway = status.get("gateway")
+    if gateway:
+        out.append(
+            f"gateway {gateway['url']}  {gateway['in_flight']} in flight  "
+            f"{gateway['requests']} requests ({gateway['fallbacks']} fallbacks, "
+            f"{gateway['retries']} retries, {gateway['mid_stream_failures']} cut mid-stream)"
+        )
+    out.append("")
     out += _gpu_section(status, width=width, colour=colour)
     out.append("")
     out += _worker_section(status, width=width, colour=colour)

@@ -32,6 +32,7 @@ from fleetd.gateway.routing import Api, Kind, NoRoute, Replica, Route, RouteTabl
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from fleetd.api.schemas import GatewayJson
     from fleetd.config import FleetConfig, GatewaySpec
     from fleetd.obs.events import EventBus
 
@@ -196,6 +197,21 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def status_json(self) -> GatewayJson:
+        """Address and counters for `fleetctl status` (GET /v1/status on the control socket)."""
+        s = self.stats
+        return {
+            "url": f"http://{self._spec.host}:{self.port}/v1",
+            "in_flight": self.inflight.total(),
+            "requests": s.requests,
+            "retries": s.retries,
+            "fallbacks": s.fallbacks,
+            "refused": s.refused,
+            "upstream_failed": s.upstream_failed,
+            "mid_stream_failures": s.mid_stream_failures,
+            "client_disconnects": s.client_disconnects,
+        }
 
     # -- small endpoints --------------------------------------------------------------------
     async def _root(self, _request: web.Request) -> web.Response:

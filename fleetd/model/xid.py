@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+from fleetd.model.gpu import GpuHealth
+
 
 class XidAction(enum.StrEnum):
     """What an XID asks of the operator (and so of fleetd)."""
@@ -41,6 +43,19 @@ def action_for(xid: int) -> XidAction:
     if xid in _RESET_GPU:
         return XidAction.RESET_GPU
     return XidAction.UNKNOWN
+
+
+def health_effect(xid: int) -> tuple[GpuHealth, str] | None:
+    """The health an XID forces on its GPU until the GPU is reset; None if it stays usable.
+
+    Reboot- and reset-class XIDs both make it LOST: nothing may run there any more, so the
+    planner evacuates it (the reason tells the operator which of the two it needs).
+    Application-level XIDs leave the GPU healthy; the daemon restarts the workers there.
+    Both GPU backends (NVML and simulated) use this one rule.
+    """
+    if action_for(xid) in (XidAction.REBOOT, XidAction.RESET_GPU):
+        return GpuHealth.LOST, describe(xid)
+    return None
 
 
 def describe(xid: int) -> str:

@@ -126,6 +126,7 @@ _PROBLEM_WORDS = (
     "over_budget",
     "refused",
     "degraded",
+    "flapping",
 )
 
 

@@ -72,6 +72,7 @@ class _Gpu:
     unattributed_mib: int
     cordoned: bool
     drained: bool
+    cordon_reason: str = ""
     avoid: frozenset[tuple[str, int]] = frozenset()  # replicas an operator moved off this GPU
     placed: list[_Request] = field(default_factory=list)
 
@@ -93,7 +94,7 @@ class _Gpu:
         if snap.health is GpuHealth.DEGRADED:
             return f"degraded: {snap.health_reason}" if snap.health_reason else "degraded"
         if self.cordoned:
-            return "cordoned"
+            return f"cordoned: {self.cordon_reason}" if self.cordon_reason else "cordoned"
         return "ok"
 
     def why_cannot_keep(self, req: _Request) -> str | None:
@@ -178,6 +179,7 @@ def _build_gpus(
                 foreign=foreign,
                 unattributed_mib=max(0, snap.used_mib - listed),  # counted in foreign_mib
                 cordoned=snap.uuid in overrides.cordoned,
+                cordon_reason=overrides.cordon_reasons.get(snap.uuid, ""),
                 drained=snap.uuid in overrides.drained,
                 avoid=frozenset((m, r) for m, r, g in overrides.avoid if g == snap.uuid),
             )

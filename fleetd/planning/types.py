@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fleetd.model.gpu import GpuHealth, GpuProcess
 
 
@@ -23,6 +25,8 @@ class Overrides:
     drained: frozenset[str] = frozenset()  # GPU UUIDs: move everything off
     drained_models: frozenset[str] = frozenset()  # models with every replica stopped
     avoid: frozenset[tuple[str, int, str]] = frozenset()  # (model, replica, GPU UUID): move off
+    fault_cordoned: frozenset[str] = frozenset()  # those of `cordoned` fleetd set after a fault
+    cordon_reasons: Mapping[str, str] = field(default_factory=dict)  # GPU UUID -> why (not saved)
 
     def wanted(self, model: str, configured: int) -> int:
         """Replicas wanted for a model once the overrides apply."""

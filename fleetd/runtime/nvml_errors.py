@@ -98,19 +98,15 @@ def event_detail(kind: GpuEventKind, data: int) -> str:
 def event_health(kind: GpuEventKind, data: int) -> tuple[GpuHealth, str] | None:
     """Health an event forces on its GPU until the backend reopens; None if the GPU stays fine.
 
-    Reboot-class XIDs (79) and GPU-unavailable events make it LOST, reset-class XIDs DEGRADED.
+    GPU-unavailable events make it LOST; XIDs as ``xid.health_effect`` says (reboot- and
+    reset-class XIDs: LOST, so the GPU is evacuated).
     ECC events need no sticky state: the uncorrected ECC counter in each snapshot covers them.
     """
     if kind is GpuEventKind.LOST:
         return GpuHealth.LOST, _EVENT_DETAIL[kind]
     if kind is not GpuEventKind.XID:
         return None
-    action = xid_catalogue.action_for(data)
-    if action is xid_catalogue.XidAction.REBOOT:
-        return GpuHealth.LOST, xid_catalogue.describe(data)
-    if action is xid_catalogue.XidAction.RESET_GPU:
-        return GpuHealth.DEGRADED, xid_catalogue.describe(data)
-    return None
+    return xid_catalogue.health_effect(data)
 
 
 _RANK = {GpuHealth.HEALTHY: 0, GpuHealth.DEGRADED: 1, GpuHealth.LOST: 2}

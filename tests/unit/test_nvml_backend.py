@@ -278,8 +278,8 @@ async def test_no_event_within_the_timeout_gives_an_empty_list(backend: nvml.Nvm
     [
         (13, GpuHealth.HEALTHY, "graphics engine exception"),
         (63, GpuHealth.HEALTHY, "informational"),
-        (48, GpuHealth.DEGRADED, "must be reset"),
-        (95, GpuHealth.DEGRADED, "must be reset"),
+        (48, GpuHealth.LOST, "must be reset"),
+        (95, GpuHealth.LOST, "must be reset"),
         (79, GpuHealth.LOST, "fallen off the bus"),
     ],
 )

@@ -1,0 +1,1 @@
+"""Helpers of bench/gateway.py: processes, the fleet under test, the proxies, the load."""
