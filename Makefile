@@ -1,5 +1,5 @@
 # fleetd developer entry points. Every target sets up .venv itself (scripts/bootstrap.sh).
-.PHONY: demo test check lint types imports fmt setup plan bench
+.PHONY: demo test check lint types imports fmt setup plan bench bench-gateway bench-failover
 
 setup:
 	@./scripts/bootstrap.sh
@@ -35,3 +35,11 @@ fmt: setup
 
 bench: setup
 	.venv/bin/python bench/restart.py
+
+# fleetd's gateway vs direct vs nginx vs LiteLLM (installs nginx, wrk and LiteLLM first)
+bench-gateway: setup
+	./scripts/bench_deps.sh
+	.venv/bin/python bench/gateway.py
+
+bench-failover: setup
+	.venv/bin/python bench/failover.py

@@ -194,6 +194,20 @@ class ModelSpec(_Frozen):
         (),
         description="Models (by name) the gateway uses, in order, when no replica is ready.",
     )
+    standby: bool = Field(
+        default=False,
+        description="vLLM only: keep a warm standby of this model asleep (vLLM sleep mode, "
+        "weights in host RAM) on a GPU without one of its replicas; a failover wakes it "
+        "(seconds) instead of loading the model cold. Its engines run with "
+        "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (the sleep endpoints).",
+    )
+    standby_vram_gib: float = Field(
+        1.0,
+        gt=0,
+        le=64,
+        description="GPU memory the standby keeps while asleep (CUDA context, buffers); it "
+        "needs its full budget again to wake, and to load before it first sleeps.",
+    )
     health: HealthSpec = Field(default_factory=HealthSpec)
 
     @field_validator("name", "served_name")
@@ -246,6 +260,13 @@ class ModelSpec(_Frozen):
             raise ValueError("applies to vLLM models only")
         return value
 
+    @field_validator("standby")
+    @classmethod
+    def _standby_for_vllm(cls, value: bool, info: ValidationInfo) -> bool:  # noqa: FBT001
+        if value and info.data.get("engine") is Engine.OLLAMA:
+            raise ValueError("applies to vLLM models only (Ollama has no sleep mode)")
+        return value
+
     @field_validator("fallbacks")
     @classmethod
     def _not_itself(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
@@ -262,6 +283,11 @@ class ModelSpec(_Frozen):
     def budget_mib(self) -> int:
         """VRAM the planner reserves for one replica: vram + overhead, in MiB."""
         return units.gib_to_mib(self.vram_gib + self.overhead_gib)
+
+    @property
+    def standby_mib(self) -> int:
+        """VRAM an asleep standby of this model keeps."""
+        return units.gib_to_mib(self.standby_vram_gib)
 
     @property
     def offloaded_mib(self) -> int:

@@ -314,10 +314,17 @@ def _shutdown_budget_s(cfg: FleetConfig) -> float:
 async def _gpu_monitor(backend: GpuBackend, bus: EventBus, reconciler: Reconciler) -> None:
     """Turn driver events into fleetd events, XID actions and reconcile passes.
 
-    Health changes are reported by the reconciler's fault policy (debounced), not here.
+    Health changes are reported by the reconciler's fault policy (debounced), not here; but
+    a GPU whose health changed between passes (a fault without a driver event, e.g. NVML
+    timing out) gets a pass at once instead of at the next resync.
     """
     while True:
         events = await backend.wait_events(1.0)
+        seen = reconciler.raw_health
+        if seen:
+            snap = await backend.snapshot()
+            if any(seen.get(g.uuid) is not g.health for g in snap.gpus):
+                reconciler.kick()
         for event in events:
             bus.emit(
                 f"gpu.{event.kind.value}",

@@ -27,11 +27,12 @@ from fleetd.engines import ollama as ollama_adapter
 from fleetd.engines import vllm as vllm_adapter
 from fleetd.gateway.inflight import Inflight, target_id
 from fleetd.gateway.routing import Replica
+from fleetd.model.gpu import GpuHealth
 from fleetd.model.worker import RUNNING_STATES, StopReason, WorkerState, WorkerStatus
 from fleetd.ollama_slot import OllamaSlot
 from fleetd.planning import placement
 from fleetd.planning.gpu_faults import Change, FaultPolicy, GpuFaults
-from fleetd.planning.types import CurrentReplica, Overrides, Plan, StopCause
+from fleetd.planning.types import STANDBY_REPLICA, CurrentReplica, Overrides, Plan, StopCause
 from fleetd.runtime.health import HttpProbe, ProbeResult
 from fleetd.state import WorkerRecord, WorkerRecords, safe_key
 from fleetd.supervisor import GpuGate, ProcessWorker, WorkerSpec
@@ -95,6 +96,26 @@ class VllmChecks:
     async def alive(self) -> ProbeResult:
         """/health 200."""
         return await self._probe.get(vllm_adapter.health_url(self._base), timeout_s=self._timeout_s)
+
+    async def sleep(self) -> ProbeResult:
+        """POST /sleep?level=1 (warm standby)."""
+        return await self._probe.post_json(
+            vllm_adapter.sleep_url(self._base), {}, timeout_s=max(60.0, self._timeout_s)
+        )
+
+    async def wake_up(self, *, timeout_s: float) -> ProbeResult:
+        """POST /wake_up, then /is_sleeping must say false."""
+        woke = await self._probe.post_json(
+            vllm_adapter.wake_up_url(self._base), {}, timeout_s=timeout_s
+        )
+        if not woke.ok:
+            return woke
+        check = await self._probe.get(
+            vllm_adapter.is_sleeping_url(self._base), timeout_s=self._timeout_s, want_json=True
+        )
+        if check.ok and isinstance(check.body, dict) and check.body.get("is_sleeping") is False:
+            return check
+        return ProbeResult(ok=False, detail=f"still asleep after /wake_up ({check.detail})")
 
     async def idle(self) -> bool | None:
         """No request in flight through the gateway, and vllm:num_requests_running == 0.
@@ -183,6 +204,7 @@ class Reconciler:
         self.drain_timeouts: dict[str, float] = {}  # model name or GPU UUID -> drain bound
         self.vram_mib: dict[str, int] = {}  # worker name -> measured VRAM (last pass)
         self.host: HostSnapshot | None = None
+        self.raw_health: dict[str, GpuHealth] = {}  # as the backend said at the last pass
         self.plan: Plan | None = None
         self.on_pass: Callable[[float, bool], None] | None = None  # (seconds, ok): metrics
         self.passes = 0
@@ -213,7 +235,7 @@ class Reconciler:
         out: list[Replica] = []
         for (model, _replica, gpu), worker in self._vllm.items():
             spec = self.cfg.model_named(model)
-            if worker.state is not WorkerState.READY or spec is None:
+            if worker.state is not WorkerState.READY or spec is None or worker.standby:
                 continue
             target = target_id(worker.name, gpu)
             out.append(
@@ -339,6 +361,7 @@ class Reconciler:
     async def reconcile_once(self) -> Plan:
         """One pass: observe (health debounced by the fault policy), plan, act."""
         raw = await self._backend.snapshot()
+        self.raw_health = {g.uuid: g.health for g in raw.gpus}
         loop = asyncio.get_running_loop()
         now = loop.time()
         host, changes = self.faults.observe(raw, now, fault_cordoned=self.overrides.fault_cordoned)
@@ -346,6 +369,7 @@ class Reconciler:
             self.on_gpu_changes(changes)  # may cordon or uncordon: self.overrides changes
         self.host = host
         self._failover_crash_loops(now)
+        self._promote_standbys(host, now)
         self._schedule_recheck(now)
         current, releasing = self._current()
         plan = placement.plan(
@@ -427,6 +451,96 @@ class Reconciler:
                 gpu=label,
             )
 
+    def _promote_standbys(self, host: HostSnapshot, now: float) -> None:
+        """Failover to a warm standby: it becomes the replica whose GPU or engine is gone.
+
+        The planner then keeps it where it is with its full budget, evicting lower
+        priorities there; the worker wakes once their memory is free.
+        """
+        usable = {
+            g.uuid
+            for g in host.gpus
+            if g.health is GpuHealth.HEALTHY and g.uuid not in self.overrides.drained
+        }
+        for (model, replica, gpu), standby in list(self._vllm.items()):
+            if replica != STANDBY_REPLICA or standby.state is not WorkerState.STANDBY:
+                continue
+            if not standby.wanted or gpu not in usable:
+                continue
+            spec = self.cfg.model_named(model)
+            if spec is None:
+                continue
+            lost = self._lost_replica(spec, usable, now)
+            if lost is None:
+                continue
+            name = spec.name if spec.replicas <= 1 and lost == 0 else f"{spec.name}#{lost}"
+            old = next(
+                (k for k in self._vllm if k[0] == model and k[1] == lost and k[2] != gpu), None
+            )
+            if old is not None:  # the dead one goes; its key is needed for no one
+                dead = self._vllm.pop(old)
+                dead.ensure_stopped(StopReason.GPU_UNUSABLE, drain=False)
+                self._vllm[(model, -1 - lost, old[2])] = dead
+            del self._vllm[(model, replica, gpu)]
+            self._vllm[(model, lost, gpu)] = standby
+            standby.promote(name)
+            self._rekey_record(standby, model, lost)
+            self._bus.emit(
+                "worker.promoted",
+                f"failover: the warm standby of {model} on gpu{standby.spec.gpu_index} "
+                f"becomes {name}; it wakes once gpu{standby.spec.gpu_index} has room",
+                worker=name,
+                model=model,
+                gpu=standby.spec.gpu_index,
+            )
+
+    def _lost_replica(self, spec: ModelSpec, usable: set[str], now: float) -> int | None:
+        """A wanted replica of ``spec`` with no serving worker on a usable GPU, if any."""
+        del now
+        wanted = self.overrides.wanted(spec.name, spec.replicas)
+        for replica in range(wanted):
+            here = [
+                (gpu, w) for (m, r, gpu), w in self._vllm.items() if m == spec.name and r == replica
+            ]
+            healthy = [
+                w
+                for gpu, w in here
+                if gpu in usable
+                and w.wanted
+                and w.state is not WorkerState.FAILED
+                and (spec.name, replica, gpu) not in self.crash_avoid
+            ]
+            if not healthy:
+                return replica
+        return None
+
+    def _rekey_record(self, worker: ProcessWorker, model: str, replica: int) -> None:
+        """The state dir must say what the worker is now, for the next fleetd's adoption."""
+        records = self._paths.records
+        handle = worker.handle
+        if worker.record_key:
+            records.remove(worker.record_key)
+        key = safe_key(f"vllm-{model}-{replica}-{worker.spec.gpu_uuid}")
+        worker.record_key = key
+        worker.record_replica = replica
+        if handle is None:
+            return
+        records.save(
+            WorkerRecord(
+                key=key,
+                name=worker.name,
+                engine="vllm",
+                pid=handle.pid,
+                create_time=handle.create_time,
+                argv=list(worker.spec.argv),
+                port=worker.spec.port,
+                gpu_uuid=worker.spec.gpu_uuid,
+                log_path=str(worker.spec.log_path),
+                model=model,
+                replica=replica,
+            )
+        )
+
     def _schedule_recheck(self, now: float) -> None:
         """A pass when a debounce or failback timer may have run out (not just at resync)."""
         delay = self.faults.next_check_s(now, self.overrides.fault_cordoned)
@@ -451,7 +565,8 @@ class Reconciler:
         for (model, replica, gpu), worker in self._vllm.items():
             pids = _tree(worker.handle)
             if worker.wanted:
-                current.append(CurrentReplica(model, replica, gpu, pids))
+                asleep = worker.state is WorkerState.STANDBY
+                current.append(CurrentReplica(model, replica, gpu, pids, asleep=asleep))
             else:
                 releasing |= pids
         for gpu, group in self._ollama.items():
@@ -627,7 +742,13 @@ class Reconciler:
             engine_extra_env=engine.env,
             shutdown_timeout_s=max(1, int(grace) - 10) if engine.shutdown_timeout else None,
         )
-        name = spec.name if spec.replicas <= 1 and replica == 0 else f"{spec.name}#{replica}"
+        standby = replica == STANDBY_REPLICA
+        if standby:
+            name = f"{spec.name}~standby"
+        elif spec.replicas <= 1 and replica == 0:
+            name = spec.name
+        else:
+            name = f"{spec.name}#{replica}"
         key = safe_key(f"vllm-{spec.name}-{replica}-{gpu.uuid}")
         wspec = WorkerSpec(
             name=name,
@@ -642,6 +763,7 @@ class Reconciler:
             log_path=self._paths.log_dir / f"{key}.log",
             health=spec.health,
             drain_timeout_s=spec.health.drain_timeout_s,
+            standby_mib=spec.standby_mib if standby else 0,
         )
         target = target_id(name, gpu.uuid)
         checks = VllmChecks(
@@ -651,7 +773,14 @@ class Reconciler:
             timeout_s=spec.health.probe_timeout_s,
             gateway_busy=lambda: self.inflight.count(target),
         )
-        return self._worker(wspec, checks, key=key, model=spec.name, replica=replica)
+        return self._worker(
+            wspec,
+            checks,
+            key=key,
+            model=spec.name,
+            replica=replica,
+            sleeper=checks if spec.standby else None,
+        )
 
     def _new_ollama_serve(self, gpu: GpuSnapshot, *, port: int | None = None) -> ProcessWorker:
         engine = self.cfg.engines.ollama
@@ -692,13 +821,14 @@ class Reconciler:
         key: str,
         model: str | None,
         replica: int,
+        sleeper: VllmChecks | None = None,
     ) -> ProcessWorker:
         records = self._paths.records
 
         def on_spawn(worker: ProcessWorker, handle: ProcessHandle) -> None:
             records.save(
                 WorkerRecord(
-                    key=key,
+                    key=worker.record_key,
                     name=worker.name,
                     engine=wspec.engine,
                     pid=handle.pid,
@@ -708,11 +838,11 @@ class Reconciler:
                     gpu_uuid=wspec.gpu_uuid,
                     log_path=str(wspec.log_path),
                     model=model,
-                    replica=replica,
+                    replica=worker.record_replica,
                 )
             )
 
-        return ProcessWorker(
+        worker = ProcessWorker(
             wspec,
             checks=checks,
             launcher=self._launcher,
@@ -720,8 +850,12 @@ class Reconciler:
             bus=self._bus,
             gate=self._gate(wspec.gpu_uuid),
             on_spawn=on_spawn,
-            on_exit=lambda _w: records.remove(key),
+            on_exit=lambda w: records.remove(w.record_key),
+            sleeper=sleeper,
         )
+        worker.record_key = key
+        worker.record_replica = replica
+        return worker
 
     # -- adoption ---------------------------------------------------------------------------
     async def _adopt(self) -> None:

@@ -21,6 +21,7 @@ the GPU's free memory is checked against the budget right before each start.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import random
 from collections import deque
@@ -88,6 +89,7 @@ class WorkerSpec:
     log_path: Path
     health: HealthSpec
     drain_timeout_s: float = 30.0
+    standby_mib: int = 0  # > 0: a warm standby, asleep once ready (keeps this much VRAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,18 @@ class GpuGate:
 
     lock: asyncio.Lock
     free_mib: Callable[[], Awaitable[tuple[int, str]]]  # (free MiB, who holds the rest)
+
+
+class Sleeper(Protocol):
+    """vLLM's sleep mode, for a warm standby."""
+
+    async def sleep(self) -> ProbeResult:
+        """Offload the weights to host RAM, drop the KV cache."""
+        ...
+
+    async def wake_up(self, *, timeout_s: float) -> ProbeResult:
+        """Load the weights back and re-allocate the KV cache."""
+        ...
 
 
 class ProcessWorker(StateOwner):
@@ -113,6 +127,7 @@ class ProcessWorker(StateOwner):
         on_spawn: Callable[[ProcessWorker, ProcessHandle], None] | None = None,
         on_exit: Callable[[ProcessWorker], None] | None = None,
         rng: random.Random | None = None,
+        sleeper: Sleeper | None = None,
     ) -> None:
         super().__init__(
             spec.name, kind="worker", clock=clock, bus=bus, engine=spec.engine, gpu=spec.gpu_index
@@ -134,6 +149,10 @@ class ProcessWorker(StateOwner):
         self._failures: deque[float] = deque()
         self._consecutive = 0
         self.restarts = 0
+        self._sleeper = sleeper
+        self.standby = spec.standby_mib > 0  # asleep once ready, until promoted
+        self.record_key = ""  # its record in the state dir (the reconciler's bookkeeping)
+        self.record_replica = 0
 
     # -- what others may call -------------------------------------------------------------
     @property
@@ -185,6 +204,13 @@ class ProcessWorker(StateOwner):
         self._stop_reason = reason
         self._drain = drain
         self._drain_timeout_s = drain_timeout_s
+        self._wake.set()
+
+    def promote(self, name: str) -> None:
+        """A failover: this standby becomes a serving replica called ``name``; wake it."""
+        self.standby = False
+        self.name = name
+        self.spec = dataclasses.replace(self.spec, name=name)  # standby_mib: held asleep
         self._wake.set()
 
     def restart(self) -> None:
@@ -336,7 +362,9 @@ class ProcessWorker(StateOwner):
         ready_since = self._clock.monotonic()
         try:
             while True:
-                await self._race(exit_task, self.spec.health.probe_interval_s)
+                waking = await self._sleep_or_wake()
+                interval = 0.1 if waking else self.spec.health.probe_interval_s
+                await self._race(exit_task, interval)
                 if exit_task.done():
                     await self._crashed(f"exited with code {exit_task.result()}")
                     return "crashed"
@@ -357,6 +385,58 @@ class ProcessWorker(StateOwner):
                 rotate_log(self.spec.log_path, max_bytes=LOG_MAX_BYTES)
         finally:
             exit_task.cancel()
+
+    async def _sleep_or_wake(self) -> bool:
+        """A ready standby goes to sleep; a promoted one wakes. True while waiting to wake."""
+        if self._sleeper is None:
+            return False
+        if self.standby and self._state is WorkerState.READY:
+            async with self._gate.lock:  # its memory is released under the GPU's lock
+                result = await self._sleeper.sleep()
+            if result.ok:
+                await self._set_state(
+                    WorkerState.STANDBY,
+                    f"warm standby, asleep: weights in host RAM, about "
+                    f"{self.spec.standby_mib} MiB kept on gpu{self.spec.gpu_index}",
+                )
+            else:
+                self._bus.emit(
+                    "worker.standby_error",
+                    f"{self.name}: could not put it to sleep ({result.detail}); it stays "
+                    "loaded (check --enable-sleep-mode support), holding its full budget",
+                    worker=self.name,
+                )
+                self._sleeper = None
+            return False
+        if self.standby or self._state is not WorkerState.STANDBY:
+            return False
+        async with self._gate.lock:
+            free_mib, holders = await self._gate.free_mib()
+            need_mib = self.spec.budget_mib - self._asleep_mib()
+            if free_mib < need_mib:
+                self._reason = (
+                    f"waking: waiting for GPU memory: needs {need_mib} MiB more, "
+                    f"gpu{self.spec.gpu_index} has {free_mib} MiB free ({holders})"
+                )
+                return True
+            self._bus.emit(
+                "worker.waking",
+                f"{self.name}: waking the standby on gpu{self.spec.gpu_index}",
+                worker=self.name,
+                gpu=self.spec.gpu_index,
+            )
+            started = self._clock.monotonic()
+            result = await self._sleeper.wake_up(timeout_s=self.spec.health.start_timeout_s)
+        if not result.ok:
+            self._reason = f"wake-up failed ({result.detail}); retrying"
+            return True
+        took_s = self._clock.monotonic() - started
+        await self._set_state(WorkerState.READY, f"woken from standby in {took_s:.1f} s")
+        return False
+
+    def _asleep_mib(self) -> int:
+        """What the standby holds now (its configured figure; the GPU check is what counts)."""
+        return self.spec.standby_mib or 0
 
     async def _stop(
         self,
@@ -417,7 +497,7 @@ class ProcessWorker(StateOwner):
             )
             self._forget_process(outcome.orphans)
         if self._want is Want.STOPPED:
-            if self._state in (WorkerState.STARTING, WorkerState.READY):
+            if self._state in (WorkerState.STARTING, WorkerState.READY, WorkerState.STANDBY):
                 await self._set_state(WorkerState.STOPPING, why)
             await self._set_state(WorkerState.STOPPED, why)
             return
@@ -487,7 +567,12 @@ class ProcessWorker(StateOwner):
             )
             return
         if handle is not None:
-            if self._state in (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING):
+            if self._state in (
+                WorkerState.STARTING,
+                WorkerState.READY,
+                WorkerState.DRAINING,
+                WorkerState.STANDBY,
+            ):
                 await self._set_state(WorkerState.STOPPING, "fleetd is exiting")
             outcome = await stop_group(
                 handle, grace_s=self.spec.health.stop_grace_s, clock=self._clock

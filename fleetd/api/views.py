@@ -14,6 +14,7 @@ from fleetd import __version__
 from fleetd.gateway.inflight import target_id
 from fleetd.model.units import fmt_gib
 from fleetd.model.worker import WorkerState
+from fleetd.planning.types import STANDBY_REPLICA
 
 if TYPE_CHECKING:
     from fleetd.api.schemas import (
@@ -151,9 +152,15 @@ def explain(control: Control, model: str, bus: EventBus, *, now_s: float) -> Exp
     placements = plan.placements_for(model) if plan is not None else ()
     by_name = {w.name: w for w in rec.workers()}
     for p in placements:
-        name = model if spec.replicas <= 1 and p.replica == 0 else f"{model}#{p.replica}"
+        name = (
+            f"{model}~standby"
+            if p.replica == STANDBY_REPLICA
+            else model
+            if spec.replicas <= 1 and p.replica == 0
+            else f"{model}#{p.replica}"
+        )
         worker = by_name.get(name)
-        where = f"Replica {p.replica} is placed on gpu{p.gpu_index}"
+        where = f"{_replica_label(p.replica)} is placed on gpu{p.gpu_index}"
         if p.moved_from:
             where += " (moving there)"
         elif p.kept:
@@ -168,7 +175,7 @@ def explain(control: Control, model: str, bus: EventBus, *, now_s: float) -> Exp
         if p.note:
             lines.append(f"  {p.note}.")
     pending = [pp for pp in (plan.pending if plan is not None else ()) if pp.model == model]
-    lines.extend(f"Replica {pp.replica} is pending: {pp.reason}." for pp in pending)
+    lines.extend(f"{_replica_label(pp.replica)} is pending: {pp.reason}." for pp in pending)
     recent = [
         e
         for e in bus.recent(kinds=("worker.", "operator.", "gpu."))
@@ -216,6 +223,10 @@ _GPU_STORY = frozenset(
         "gpu.xid_error",
     }
 )
+
+
+def _replica_label(replica: int) -> str:
+    return "The warm standby" if replica == STANDBY_REPLICA else f"Replica {replica}"
 
 
 def _ago(seconds: float) -> str:

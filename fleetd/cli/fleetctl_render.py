@@ -35,11 +35,14 @@ _ELLIPSIS = "\u2026"
 BAR_MIN_CELLS = 8
 BAR_MAX_CELLS = 32
 _REASON_MIN_WIDTH = 30
-RUNNING = frozenset({"starting", "ready", "draining"})  # fleetd.model.worker.RUNNING_STATES
+STANDBY_REPLICA = 64  # fleetd.planning.types.STANDBY_REPLICA: a model's warm standby
+# fleetd.model.worker.RUNNING_STATES
+RUNNING = frozenset({"starting", "ready", "draining", "standby"})
 
 STATE_STYLE = {
     "ready": "green",
     "starting": "yellow",
+    "standby": "cyan",
     "draining": "yellow",
     "stopping": "yellow",
     "stopped": "dim",
@@ -306,7 +309,14 @@ def _pending_section(status: Status, *, width: int, colour: bool) -> list[str]:
     if not pending:
         return [f"{paint('PENDING', 'bold', colour=colour)}  none"]
     out = [paint(f"PENDING ({len(pending)})", "bold", colour=colour)]
-    labels = [p["model"] if p["replica"] == 0 else f"{p['model']}#{p['replica']}" for p in pending]
+    labels = [
+        p["model"]
+        if p["replica"] == 0
+        else f"{p['model']}~standby"
+        if p["replica"] == STANDBY_REPLICA
+        else f"{p['model']}#{p['replica']}"
+        for p in pending
+    ]
     label_width = max([len(x) for x in labels if len(x) <= 28], default=0)
     hang = 2 + label_width + 2
     for label, p in zip(labels, pending, strict=True):

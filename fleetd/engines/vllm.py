@@ -87,6 +87,8 @@ def launch(
         argv += ["--max-model-len", str(spec.max_model_len)]
     if shutdown_timeout_s is not None:
         argv += ["--shutdown-timeout", str(shutdown_timeout_s)]
+    if spec.standby:  # every replica alike, so a promoted standby is adopted as is
+        argv.append("--enable-sleep-mode")
     argv += list(spec.engine_args)
     env = engine_env(base_env, engine_extra_env)
     env.update(
@@ -97,6 +99,8 @@ def launch(
             "DO_NOT_TRACK": "1",
         }
     )
+    if spec.standby:  # /sleep, /wake_up and /is_sleeping are dev-mode routes in vLLM
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     return Launch(tuple(argv), env, port, f"http://127.0.0.1:{port}")
 
 
@@ -118,6 +122,21 @@ def serves(models_body: Any, served_name: str) -> bool:  # noqa: ANN401 - parsed
     return isinstance(data, list) and any(
         isinstance(card, dict) and card.get("id") == served_name for card in data
     )
+
+
+def sleep_url(base_url: str) -> str:
+    """POST: level 1 offloads the weights to host RAM and drops the KV cache."""
+    return f"{base_url}/sleep?level=1"
+
+
+def wake_up_url(base_url: str) -> str:
+    """POST: re-allocates the weights and the KV cache (all tags)."""
+    return f"{base_url}/wake_up"
+
+
+def is_sleeping_url(base_url: str) -> str:
+    """GET: ``{"is_sleeping": bool}``."""
+    return f"{base_url}/is_sleeping"
 
 
 def metrics_url(base_url: str) -> str:

@@ -23,6 +23,7 @@ class WorkerState(enum.StrEnum):
     STARTING = "starting"  # process launched (or model loading), not yet healthy
     READY = "ready"  # health check passed: routable
     DRAINING = "draining"  # not routable; waiting for in-flight requests to finish
+    STANDBY = "standby"  # a warm standby asleep (vLLM sleep mode): not routable, little VRAM
     STOPPING = "stopping"  # SIGTERM sent (or unload requested); waiting for the exit
     BACKOFF = "backoff"  # it died or failed to start; waiting before the next try
     FAILED = "failed"  # crash loop or permanent error: needs an operator or a new plan
@@ -31,11 +32,21 @@ class WorkerState(enum.StrEnum):
 TRANSITIONS: Mapping[WorkerState, frozenset[WorkerState]] = {
     # READY: an adopted engine that already answers; BACKOFF: a start deferred for memory
     WorkerState.STOPPED: frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF}),
+    # asleep; READY again when woken (a failover), or it stops / dies like any engine
+    WorkerState.STANDBY: frozenset(
+        {WorkerState.READY, WorkerState.STOPPING, WorkerState.BACKOFF, WorkerState.FAILED}
+    ),
     WorkerState.STARTING: frozenset(
         {WorkerState.READY, WorkerState.STOPPING, WorkerState.BACKOFF, WorkerState.FAILED}
     ),
     WorkerState.READY: frozenset(
-        {WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.BACKOFF, WorkerState.FAILED}
+        {
+            WorkerState.DRAINING,
+            WorkerState.STOPPING,
+            WorkerState.BACKOFF,
+            WorkerState.FAILED,
+            WorkerState.STANDBY,
+        }
     ),
     WorkerState.DRAINING: frozenset(
         {WorkerState.STOPPING, WorkerState.READY, WorkerState.BACKOFF, WorkerState.FAILED}
@@ -45,7 +56,9 @@ TRANSITIONS: Mapping[WorkerState, frozenset[WorkerState]] = {
     WorkerState.FAILED: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
 }
 
-RUNNING_STATES = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING})
+RUNNING_STATES = frozenset(
+    {WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING, WorkerState.STANDBY}
+)
 ROUTABLE_STATES = frozenset({WorkerState.READY})
 
 

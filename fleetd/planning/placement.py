@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from fleetd.model.gpu import GpuHealth, GpuProcess, GpuSnapshot, HostSnapshot
 from fleetd.model.units import fmt_gib
 from fleetd.planning.types import (
+    STANDBY_REPLICA,
     CurrentReplica,
     GpuPlan,
     Overrides,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 class _Request:
     spec: ModelSpec
     replica: int
+    asleep: bool = False  # a standby that sleeps now: it holds only its standby memory
     current_gpu: str | None = None
     displaced: str = ""  # why it could not stay where it runs
     displaced_cause: StopCause | None = None
@@ -59,7 +61,9 @@ class _Request:
 
     @property
     def budget_mib(self) -> int:
-        return self.spec.budget_mib
+        # an asleep standby holds little; awake (loading, or before it first sleeps) it
+        # needs its whole budget, so the planner makes room for that while it warms up
+        return self.spec.standby_mib if self.asleep else self.spec.budget_mib
 
 
 @dataclass(slots=True)
@@ -206,12 +210,20 @@ def plan(
     overrides = overrides or Overrides()
     budgets = {m.name: m.budget_mib for m in models}
     gpus = _build_gpus(host, overrides, current, budgets, reserved_mib or {}, releasing_pids)
+    asleep = {(c.model, c.replica) for c in current if c.asleep}
     requests = sorted(
-        (
-            _Request(spec, i)
-            for spec in models
-            for i in range(overrides.wanted(spec.name, spec.replicas))
-        ),
+        [
+            *(
+                _Request(spec, i)
+                for spec in models
+                for i in range(overrides.wanted(spec.name, spec.replicas))
+            ),
+            *(
+                _Request(spec, STANDBY_REPLICA, asleep=(spec.name, STANDBY_REPLICA) in asleep)
+                for spec in models
+                if spec.standby and overrides.wanted(spec.name, spec.replicas) > 0
+            ),
+        ],
         key=lambda r: r.order,
     )
     queue = _keep_running(requests, gpus, current)
@@ -296,6 +308,12 @@ def _unwanted_stops(
             stops.append(
                 Stop(cur.model, cur.replica, cur.gpu_uuid, StopCause.REMOVED, "not in the config")
             )
+        elif cur.replica == STANDBY_REPLICA:
+            if not spec.standby or overrides.wanted(cur.model, spec.replicas) == 0:
+                detail = "no standby wanted" if not spec.standby else "drained by an operator"
+                stops.append(
+                    Stop(cur.model, cur.replica, cur.gpu_uuid, StopCause.SCALED_DOWN, detail)
+                )
         elif cur.replica >= (wanted := overrides.wanted(cur.model, spec.replicas)):
             detail = (
                 "drained by an operator"

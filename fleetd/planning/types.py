@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from fleetd.model.gpu import GpuHealth, GpuProcess
 
 
+STANDBY_REPLICA = 64
+"""The replica number of a model's warm standby (config replicas are 0-63)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Overrides:
     """Operator decisions layered on top of the config (fleetctl scale/cordon/drain)."""
@@ -43,6 +47,7 @@ class CurrentReplica:
     replica: int
     gpu_uuid: str
     pids: frozenset[int] = frozenset()
+    asleep: bool = False  # a warm standby in vLLM sleep mode: holds only its standby memory
 
 
 @dataclass(frozen=True, slots=True)

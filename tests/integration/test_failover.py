@@ -278,3 +278,44 @@ async def test_scale_to_two_replicas_evicts_and_scaling_back_restores(tmp_path: 
             timeout_s=60,
         )
         assert not pending(fleet)
+
+
+async def test_warm_standby_wakes_on_gpu1_instead_of_a_cold_load(tmp_path: Path) -> None:
+    models = lab().replace("preferred_gpus = [0]\n", "preferred_gpus = [0]\nstandby = true\n")
+    async with running_fleet(tmp_path, models, load_s=2.0) as fleet:
+        await fleet.wait_until(
+            "standby asleep, specialists beside it",
+            lambda: (
+                any(
+                    s.name == "mimo-vl~standby"
+                    and s.state is WorkerState.STANDBY
+                    and s.gpu_index == 1
+                    for s in fleet.reconciler.workers()
+                )
+                and ready_on(fleet, "mimo-vl", 0)
+                and ready_on(fleet, "deepcoder:14b", 1)
+            ),
+            timeout_s=90,
+        )
+        # asleep it holds little: the specialists fit beside it
+        status = views.status(fleet.daemon.control, started_at=0, config_path="", now_s=0)
+        assert any(p.replica == 64 for p in fleet.reconciler.plan.placements)  # type: ignore[union-attr]
+        assert all(w["state"] != "pending" for w in status["workers"])
+        assert "The warm standby is placed on gpu1" in explain(fleet, "mimo-vl")
+        standby_pid = fleet.status("mimo-vl~standby").pid
+        mark = len(kinds(fleet))
+        fleet.host.set_fault(fleet.host.gpus()[0].uuid, lost=True)
+        await fleet.wait_until("MiMo on gpu1", lambda: ready_on(fleet, "mimo-vl", 1), timeout_s=60)
+        mimo = fleet.status("mimo-vl")
+        assert mimo.pid == standby_pid, "the standby itself serves: no new process"
+        assert mimo.reason.startswith("woken from standby")
+        after = kinds(fleet)[mark:]
+        assert "worker.promoted" in after
+        assert "worker.waking" in after
+        starts = [
+            e
+            for e in fleet.seen
+            if e.fields.get("worker") == "mimo-vl" and e.fields.get("new") == "starting"
+        ]
+        assert all(e.fields.get("gpu") != 1 for e in starts), "no cold start on gpu1"
+        assert set(pending(fleet)) >= {"deepcoder:14b", "mimo-vl"}  # mimo-vl: the new standby
