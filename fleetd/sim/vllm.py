@@ -16,7 +16,8 @@ named by ``CUDA_VISIBLE_DEVICES``. Environment knobs:
   (``crash_after_s``, ``hang_after_s``, ``exit_on_load``, ``leak_mib_per_s``,
   ``slow_start_s``): see ``fleetd.sim.common``. SIGUSR1 hangs the server, SIGUSR2 crashes it.
 - ``FLEETD_SIM_TOKEN_S`` (0.01): seconds per generated token.
-- ``FLEETD_SIM_SLEEP_S`` (0.5): seconds a /sleep or /wake_up takes.
+- ``FLEETD_SIM_SLEEP_S``: seconds a /sleep or /wake_up takes (default: 0.2 s plus the
+  weights at 12 GiB/s over PCIe, about 1.4 s for a 7B bf16 model).
 - ``FLEETD_SIM_DEAD_EXIT_S`` (3.0): engine core dead -> API server exits 0 after this long.
 - ``FLEETD_SIM_WEIGHTS_MIB``, ``FLEETD_SIM_KV_KIB_PER_TOKEN``: the model's real sizes. By
   default both are estimated from the name (``...-7B...`` -> 7.7e9 bf16 parameters; no size in

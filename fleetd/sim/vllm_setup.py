@@ -110,7 +110,7 @@ def setup(args: ServeArgs) -> Setup:
             load_s=common.load_time_s() + faults.slow_start_s,
             exit_on_load=faults.exit_on_load,
             leak_mib_per_s=faults.leak_mib_per_s,
-            sleep_s=env_float(ENV_SLEEP_S, 0.5),
+            sleep_s=env_float(ENV_SLEEP_S, 0.5) if os.environ.get(ENV_SLEEP_S) else None,
             weights_override_mib=math.ceil(weights) if weights else None,
             kv_kib_override=kv_kib or None,
             shutdown_timeout_s=args.shutdown_timeout_s,

@@ -28,7 +28,7 @@ class EngineSpec:
     load_s: float
     exit_on_load: bool
     leak_mib_per_s: float
-    sleep_s: float
+    sleep_s: float | None  # None: as long as moving the weights over PCIe takes
     weights_override_mib: int | None
     kv_kib_override: float | None
     shutdown_timeout_s: int
