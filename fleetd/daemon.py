@@ -62,6 +62,7 @@ class Daemon:
     force: asyncio.Event
     alerts: AlertDispatcher
     gateway: Gateway | None = None
+    metrics: FleetMetrics | None = None
     metrics_url: str = ""
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
@@ -113,6 +114,7 @@ async def run_daemon(
     control.restore()
     reconciler.on_gpu_changes = control.gpu_changes
     daemon = Daemon(cfg, bus, reconciler, control, asyncio.Event(), asyncio.Event(), alerts)
+    daemon.metrics = metrics
     reconciler.on_pass = lambda seconds, ok: metrics.observe_reconcile(seconds, ok=ok)
     server = ControlServer(build_app(control, bus, config_path=config_path), cfg.control)
     exporter = (
@@ -168,6 +170,8 @@ async def _start_servers(
         daemon.gateway = gateway
         daemon.control.config_listeners.append(gateway.set_config)
         daemon.control.gateway_status = gateway.status_json
+        if daemon.metrics is not None:
+            daemon.metrics.track_gateway(gateway.counters)
     if exporter is not None:
         await exporter.start()
         daemon.metrics_url = f"http://{cfg.metrics.host}:{exporter.port}/metrics"

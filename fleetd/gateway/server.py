@@ -28,6 +28,7 @@ from fleetd.config import Engine
 from fleetd.gateway import errors
 from fleetd.gateway.inflight import Inflight
 from fleetd.gateway.routing import Api, Kind, NoRoute, Replica, Route, RouteTable, inspect, route
+from fleetd.obs.metrics import GatewayCounters
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -335,10 +336,32 @@ class Gateway:
 
     # -- the proxy --------------------------------------------------------------------------
     async def _openai_post(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, Api.OPENAI, _OPENAI_POSTS[request.path])
+        return self._count(await self._proxy(request, Api.OPENAI, _OPENAI_POSTS[request.path]))
 
     async def _ollama_post(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, Api.OLLAMA, _OLLAMA_POSTS[request.path])
+        return self._count(await self._proxy(request, Api.OLLAMA, _OLLAMA_POSTS[request.path]))
+
+    def _count(self, resp: web.StreamResponse) -> web.StreamResponse:
+        by_status = self.stats.by_status
+        by_status[resp.status] = by_status.get(resp.status, 0) + 1
+        return resp
+
+    def counters(self) -> GatewayCounters:
+        """The counters, for the Prometheus exporter."""
+        s = self.stats
+        return GatewayCounters(
+            requests=s.requests,
+            in_flight=self.inflight.total(),
+            by_status=dict(s.by_status),
+            problems={
+                "retry": s.retries,
+                "fallback": s.fallbacks,
+                "refused": s.refused,
+                "upstream_failed": s.upstream_failed,
+                "mid_stream_failure": s.mid_stream_failures,
+                "client_disconnect": s.client_disconnects,
+            },
+        )
 
     def _deny(self, request: web.Request, api: Api) -> web.Response | None:
         """A 401 unless API keys are off or the request carries one of them."""

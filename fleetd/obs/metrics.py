@@ -205,6 +205,7 @@ class FleetMetrics:
         self._event_vram_mib: dict[str, int] = {}
         self._avail: dict[str, _Availability] = {}
         self._dropped: Callable[[], int] = lambda: 0
+        self._gateway: Callable[[], GatewayCounters] | None = None
         self._view: ReconcilerView | None = None
         self.registry.register(_Collector(self))
 
@@ -224,6 +225,10 @@ class FleetMetrics:
         """
         for hook, result in itertools.product(hooks, tuple(results)):
             self._alerts.labels(hook=hook, result=result)
+
+    def track_gateway(self, stats: Callable[[], GatewayCounters]) -> None:
+        """Export the gateway's counters (read at each scrape)."""
+        self._gateway = stats
 
     def track_dropped(self, dropped: Callable[[], int]) -> None:
         """Report events the metrics subscription dropped (its queue overflowed)."""
@@ -345,6 +350,8 @@ class FleetMetrics:
         total.add_metric(["ok"], self._snap.passes)
         total.add_metric(["error"], self._reconcile_errors)
         yield total
+        if self._gateway is not None:
+            yield from _gateway_families(self._gateway())
         yield CounterMetricFamily(
             "fleetd_metrics_events_dropped",
             "Events the metrics subscription dropped: event-derived counters undercount by this.",
@@ -471,6 +478,39 @@ class FleetMetrics:
             wanted_s.add_metric([model], total_wanted_s)
             available_s.add_metric([model], total_available_s)
         yield from (ready, wanted, pending, ratio, target, wanted_s, available_s)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCounters:
+    """What the gateway counts, for the exporter (fleetd.gateway.server.Stats, read-only)."""
+
+    requests: int
+    in_flight: int
+    by_status: Mapping[int, int]
+    problems: Mapping[str, int]  # retry, fallback, refused, upstream_failed, ...
+
+
+def _gateway_families(c: GatewayCounters) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "fleetd_gateway_responses",
+        "Gateway responses by HTTP status (streams: the status they started with).",
+        labels=["code"],
+    )
+    for code, n in sorted(c.by_status.items()):
+        requests.add_metric([str(code)], n)
+    yield requests
+    problems = CounterMetricFamily(
+        "fleetd_gateway_problems",
+        "Gateway requests that needed a retry or a fallback, were refused, failed upstream, "
+        "were cut mid-stream by an engine's death, or lost their client.",
+        labels=["kind"],
+    )
+    for kind, n in sorted(c.problems.items()):
+        problems.add_metric([kind], n)
+    yield problems
+    yield GaugeMetricFamily(
+        "fleetd_gateway_in_flight", "Requests the gateway has in flight now.", value=c.in_flight
+    )
 
 
 class _Collector:

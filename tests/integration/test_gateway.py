@@ -264,6 +264,14 @@ async def test_openai_and_ollama_clients_route_through_the_fleet(tmp_path: Path)
         )
         assert "x-fleetd-fallback" not in raw.headers
 
+        # the same story in Prometheus
+        async with aiohttp.ClientSession() as http, http.get(fleet.daemon.metrics_url) as resp:
+            scraped = await resp.text()
+        assert 'fleetd_gateway_responses_total{code="200"}' in scraped
+        assert 'fleetd_gateway_responses_total{code="404"} 2.0' in scraped  # openai, ollama
+        assert 'fleetd_gateway_problems_total{kind="fallback"} 1.0' in scraped
+        assert "fleetd_gateway_in_flight 0.0" in scraped
+
 
 async def test_api_keys_and_size_limit(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
