@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleetd.model.units import fmt_gib
+from fleetd.planning.types import STANDBY_REPLICA
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -100,6 +101,8 @@ def plan_tables(plan: Plan, cfg: FleetConfig, host: HostSnapshot) -> RenderableT
 
 
 def _replica_name(model: str, replica: int, cfg: FleetConfig) -> str:
+    if replica == STANDBY_REPLICA:
+        return f"{model}~standby"
     spec = cfg.model_named(model)
     if spec is not None and spec.replicas <= 1 and replica == 0:
         return model

@@ -430,7 +430,14 @@ def _placements(gpus: Sequence[_Gpu]) -> tuple[Placement, ...]:
         for req in gpu.placed:
             spec = req.spec
             note = ""
-            if spec.offloaded_mib:
+            if req.replica == STANDBY_REPLICA:
+                note = (
+                    f"warm standby: {fmt_gib(spec.standby_mib)} asleep"
+                    if req.asleep
+                    else f"warm standby: loads with {fmt_gib(spec.budget_mib)}, then sleeps "
+                    f"with {fmt_gib(spec.standby_mib)}"
+                )
+            elif spec.offloaded_mib:
                 note = (
                     f"partial offload: {fmt_gib(req.budget_mib)} in VRAM, "
                     f"{fmt_gib(spec.offloaded_mib)} in system RAM"
