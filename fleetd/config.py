@@ -168,6 +168,13 @@ class ModelSpec(_Frozen):
         description="Ollama only: full size of the model. When larger than the budget, "
         "Ollama offloads the rest to system RAM (partial offload, slower).",
     )
+    min_vram_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Ollama only: when vram_gib cannot be had (e.g. evicted by a failover), "
+        "run with as little as this in VRAM, the rest of the layers in system RAM (slower), "
+        "rather than not at all. Unset: vram_gib or nothing.",
+    )
     replicas: int = Field(1, ge=0, le=64, description="Workers wanted, each on its own GPU.")
     priority: int = Field(
         0,
@@ -253,6 +260,18 @@ class ModelSpec(_Frozen):
             raise ValueError("partial offload applies to Ollama models only")
         return value
 
+    @field_validator("min_vram_gib")
+    @classmethod
+    def _shrink_for_ollama(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return value
+        if info.data.get("engine") is Engine.VLLM:
+            raise ValueError("applies to Ollama models only (vLLM cannot offload layers)")
+        vram = info.data.get("vram_gib")
+        if isinstance(vram, float | int) and value > vram:
+            raise ValueError(f"is more than vram_gib ({vram:g})")
+        return value
+
     @field_validator("max_model_len")
     @classmethod
     def _len_for_vllm(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -283,6 +302,13 @@ class ModelSpec(_Frozen):
     def budget_mib(self) -> int:
         """VRAM the planner reserves for one replica: vram + overhead, in MiB."""
         return units.gib_to_mib(self.vram_gib + self.overhead_gib)
+
+    @property
+    def min_budget_mib(self) -> int | None:
+        """The smallest budget a shrunk (partially offloaded) replica may run with."""
+        if self.min_vram_gib is None:
+            return None
+        return units.gib_to_mib(self.min_vram_gib + self.overhead_gib)
 
     @property
     def standby_mib(self) -> int:

@@ -66,6 +66,9 @@ class OllamaSlot(StateOwner):
         self.vram_mib: int | None = None
         self._inflight = inflight or Inflight()
         self._failures = 0  # loads failed in a row
+        # what the planner granted: the full budget, or less for a shrunk (offloaded) model;
+        # a loaded model keeps the layers it was loaded with until it is loaded again
+        self.budget_mib = spec.budget_mib
         self.target = target_id(name, serve.spec.gpu_uuid)
 
     @property
@@ -109,7 +112,7 @@ class OllamaSlot(StateOwner):
             restarts=self.restarts,
             since_s=self._since,
             models=(self.spec.name,),
-            budget_mib=self.spec.budget_mib,
+            budget_mib=self.budget_mib,
         )
 
     async def run(self) -> None:
@@ -158,9 +161,9 @@ class OllamaSlot(StateOwner):
             loaded = await self._loaded()
             if self._tag not in loaded:
                 free_mib, holders = await self._gate.free_mib()
-                if free_mib < spec.budget_mib:
+                if free_mib < self.budget_mib:
                     why = (
-                        f"waiting for GPU memory: needs {spec.budget_mib} MiB, "
+                        f"waiting for GPU memory: needs {self.budget_mib} MiB, "
                         f"gpu{self.serve.spec.gpu_index} has {free_mib} MiB free ({holders})"
                     )
                     if self._state is not WorkerState.BACKOFF:
@@ -184,13 +187,13 @@ class OllamaSlot(StateOwner):
             if vram_mib < size_mib:
                 note += f" (partial offload: {size_mib - vram_mib} MiB in system RAM)"
             await self._set_state(WorkerState.READY, f"loaded: {note}", vram_mib=vram_mib)
-            if vram_mib > spec.budget_mib:
+            if vram_mib > self.budget_mib:
                 self._bus.emit(
                     "worker.over_budget",
-                    f"{self.name}: {vram_mib} MiB in VRAM, budget {spec.budget_mib} MiB",
+                    f"{self.name}: {vram_mib} MiB in VRAM, budget {self.budget_mib} MiB",
                     worker=self.name,
                     vram_mib=vram_mib,
-                    budget_mib=spec.budget_mib,
+                    budget_mib=self.budget_mib,
                 )
             return
         error = result.body.get("error") if isinstance(result.body, dict) else result.body
@@ -233,7 +236,8 @@ class OllamaSlot(StateOwner):
         block_count), not from the config, and only ``vram_gib`` goes to layers: the overhead
         part of the budget is left for the context and the CUDA context.
         """
-        if self.spec.size_gib is None or not self.spec.offloaded_mib:
+        shrunk = self.budget_mib < self.spec.budget_mib  # the planner granted less: offload
+        if not shrunk and (self.spec.size_gib is None or not self.spec.offloaded_mib):
             return None
         tags = await self._probe.get(f"{self.base_url}/api/tags", timeout_s=10.0, want_json=True)
         size_mib = adapter.tag_size_mib(tags.body, self._tag)
@@ -243,7 +247,7 @@ class OllamaSlot(StateOwner):
         blocks = adapter.block_count(shown.body)
         if size_mib is None or blocks is None:
             return None  # Ollama will say what is wrong when it loads
-        weights_mib = self.spec.budget_mib - units.gib_to_mib(self.spec.overhead_gib)
+        weights_mib = self.budget_mib - units.gib_to_mib(self.spec.overhead_gib)
         return adapter.gpu_layers(weights_mib, size_mib, blocks)
 
     async def _loaded(self) -> dict[str, tuple[int, int]]:

@@ -369,7 +369,7 @@ class Reconciler:
             self.on_gpu_changes(changes)  # may cordon or uncordon: self.overrides changes
         self.host = host
         self._failover_crash_loops(now)
-        self._promote_standbys(host, now)
+        self._promote_standbys(host)
         self._schedule_recheck(now)
         current, releasing = self._current()
         plan = placement.plan(
@@ -387,7 +387,7 @@ class Reconciler:
             gpu = host.by_uuid(place.gpu_uuid)
             spec = self.cfg.model_named(place.model)
             if gpu is not None and spec is not None:
-                self._ensure(spec, place.replica, gpu)
+                self._ensure(spec, place.replica, gpu, budget_mib=place.budget_mib)
         self._collect_garbage()
         self._check_budgets(host)
         self.passes += 1
@@ -451,16 +451,19 @@ class Reconciler:
                 gpu=label,
             )
 
-    def _promote_standbys(self, host: HostSnapshot, now: float) -> None:
+    def _promote_standbys(self, host: HostSnapshot) -> None:
         """Failover to a warm standby: it becomes the replica whose GPU or engine is gone.
 
         The planner then keeps it where it is with its full budget, evicting lower
         priorities there; the worker wakes once their memory is free.
         """
+        drained = self.overrides.drained
         usable = {
-            g.uuid
-            for g in host.gpus
-            if g.health is GpuHealth.HEALTHY and g.uuid not in self.overrides.drained
+            g.uuid for g in host.gpus if g.health is GpuHealth.HEALTHY and g.uuid not in drained
+        }
+        # a degraded GPU keeps what runs: only a lost or drained one gives a replica up
+        alive = {
+            g.uuid for g in host.gpus if g.health is not GpuHealth.LOST and g.uuid not in drained
         }
         for (model, replica, gpu), standby in list(self._vllm.items()):
             if replica != STANDBY_REPLICA or standby.state is not WorkerState.STANDBY:
@@ -470,7 +473,7 @@ class Reconciler:
             spec = self.cfg.model_named(model)
             if spec is None:
                 continue
-            lost = self._lost_replica(spec, usable, now)
+            lost = self._lost_replica(spec, alive)
             if lost is None:
                 continue
             name = spec.name if spec.replicas <= 1 and lost == 0 else f"{spec.name}#{lost}"
@@ -494,9 +497,8 @@ class Reconciler:
                 gpu=standby.spec.gpu_index,
             )
 
-    def _lost_replica(self, spec: ModelSpec, usable: set[str], now: float) -> int | None:
+    def _lost_replica(self, spec: ModelSpec, usable: set[str]) -> int | None:
         """A wanted replica of ``spec`` with no serving worker on a usable GPU, if any."""
-        del now
         wanted = self.overrides.wanted(spec.name, spec.replicas)
         for replica in range(wanted):
             here = [
@@ -572,8 +574,10 @@ class Reconciler:
         for gpu, group in self._ollama.items():
             pids = _tree(group.serve.handle)
             wanted = [(k, s) for k, s in group.slots.items() if s.wanted]
-            for (model, replica, _), _slot in wanted:
-                current.append(CurrentReplica(model, replica, gpu, pids))
+            for (model, replica, _), slot in wanted:
+                current.append(
+                    CurrentReplica(model, replica, gpu, pids, budget_mib=slot.budget_mib)
+                )
             if not wanted:
                 releasing |= pids
         return current, frozenset(releasing)
@@ -640,7 +644,7 @@ class Reconciler:
         if task is not None:
             task.cancel()
 
-    def _ensure(self, spec: ModelSpec, replica: int, gpu: GpuSnapshot) -> None:
+    def _ensure(self, spec: ModelSpec, replica: int, gpu: GpuSnapshot, *, budget_mib: int) -> None:
         key = (spec.name, replica, gpu.uuid)
         if spec.engine is Engine.VLLM:
             worker = self._vllm.get(key)
@@ -670,6 +674,19 @@ class Reconciler:
             )
             group.slots[key] = slot
             self._start_task(slot)
+        if slot.state in (WorkerState.STOPPED, WorkerState.BACKOFF):
+            slot.budget_mib = budget_mib  # the next load uses what the plan grants now
+        elif budget_mib < slot.budget_mib and slot.wanted:
+            # shrunk to make room for a higher priority: reload with fewer layers on the GPU
+            self._bus.emit(
+                "worker.shrunk",
+                f"{slot.name}: reloading with {budget_mib} MiB in VRAM instead of "
+                f"{slot.budget_mib} MiB (partial offload) to make room",
+                worker=slot.name,
+                budget_mib=budget_mib,
+            )
+            slot.budget_mib = budget_mib
+            slot.restart()
         slot.ensure_running()
 
     def _stop(self, model: str, replica: int, gpu_uuid: str, reason: StopReason) -> None:

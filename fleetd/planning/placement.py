@@ -50,6 +50,7 @@ class _Request:
     spec: ModelSpec
     replica: int
     asleep: bool = False  # a standby that sleeps now: it holds only its standby memory
+    granted_mib: int | None = None  # shrunk to fit (partial offload), <= its full budget
     current_gpu: str | None = None
     displaced: str = ""  # why it could not stay where it runs
     displaced_cause: StopCause | None = None
@@ -63,7 +64,11 @@ class _Request:
     def budget_mib(self) -> int:
         # an asleep standby holds little; awake (loading, or before it first sleeps) it
         # needs its whole budget, so the planner makes room for that while it warms up
-        return self.spec.standby_mib if self.asleep else self.spec.budget_mib
+        if self.asleep:
+            return self.spec.standby_mib
+        if self.granted_mib is not None:
+            return self.granted_mib
+        return self.spec.budget_mib
 
 
 @dataclass(slots=True)
@@ -265,6 +270,15 @@ def _keep_running(
                 if gpu.free_mib >= req.budget_mib:
                     gpu.placed.append(req)
                     continue
+                least = req.spec.min_budget_mib
+                if least is not None and gpu.free_mib >= least:  # stay, shrunk
+                    before = cur.budget_mib
+                    # keep what it was granted when that still fits: taking more would
+                    # displace the lower priorities that were placed beside it
+                    keep = before is not None and least <= before <= gpu.free_mib
+                    req.granted_mib = before if keep else gpu.free_mib
+                    gpu.placed.append(req)
+                    continue
                 why = f"it no longer fits on {gpu.label} ({gpu.occupants()})"
                 req.displaced_cause = StopCause.NO_ROOM
             req.displaced = why or ""
@@ -284,11 +298,14 @@ def _place_queue(queue: _Queue, gpus: Sequence[_Gpu]) -> list[_Request]:
                 target, victims = found
                 for victim in victims:
                     target.placed.remove(victim)
+                    victim.granted_mib = None
                     victim.evicted = (
                         f"evicted from {target.label} by {req.spec.name} "
                         f"(priority {req.spec.priority} > {victim.spec.priority})"
                     )
                     heapq.heappush(queue, (victim.order, victim))
+            else:
+                target = _shrink(req, gpus)
         if target is not None:
             target.placed.append(req)
         else:
@@ -358,6 +375,32 @@ def _best_fit(req: _Request, gpus: Sequence[_Gpu]) -> _Gpu | None:
     )
 
 
+def _shrink(req: _Request, gpus: Sequence[_Gpu]) -> _Gpu | None:
+    """Partial offload as a last resort: the GPU with the most room, if it has min_vram.
+
+    Tried only when the full budget fits nowhere, even by evicting lower priorities; the
+    request keeps what the GPU has left (up to its full budget). Its current GPU wins ties,
+    so a shrunk replica stays where it runs.
+    """
+    least = req.spec.min_budget_mib
+    if least is None:
+        return None
+    fits = [g for g in gpus if g.why_not_new(req) is None and g.free_mib >= least]
+    if not fits:
+        return None
+    best = min(
+        fits,
+        key=lambda g: (
+            g.snap.uuid != req.current_gpu,
+            _preference_rank(req.spec, g.snap),
+            -g.free_mib,
+            g.snap.index,
+        ),
+    )
+    req.granted_mib = min(req.spec.budget_mib, best.free_mib)
+    return best
+
+
 def _preempt(req: _Request, gpus: Sequence[_Gpu]) -> tuple[_Gpu, list[_Request]] | None:
     """The cheapest set of strictly lower-priority replicas whose eviction makes room."""
     best: tuple[tuple[int, int, int, int, int], _Gpu, list[_Request]] | None = None
@@ -414,6 +457,8 @@ def _pending(req: _Request, gpus: Sequence[_Gpu]) -> Pending:
         parts.append(why)
     if exact:
         need = f"{req.budget_mib} MiB"
+    if spec.min_budget_mib is not None:
+        need += f" (at least {fmt_gib(spec.min_budget_mib)} partially offloaded)"
     reason = f"{spec.name} needs {need}; " + "; ".join(parts)
     if spec.allowed_gpus and not any(_allowed(spec, g.snap) for g in gpus):
         refs = ", ".join(str(r) for r in spec.allowed_gpus)
@@ -436,6 +481,11 @@ def _placements(gpus: Sequence[_Gpu]) -> tuple[Placement, ...]:
                     if req.asleep
                     else f"warm standby: loads with {fmt_gib(spec.budget_mib)}, then sleeps "
                     f"with {fmt_gib(spec.standby_mib)}"
+                )
+            elif req.granted_mib is not None and req.granted_mib < spec.budget_mib:
+                note = (
+                    f"shrunk to fit: {fmt_gib(req.granted_mib)} of {fmt_gib(spec.budget_mib)} "
+                    "in VRAM, the rest of its layers in system RAM (slower)"
                 )
             elif spec.offloaded_mib:
                 note = (

@@ -48,6 +48,7 @@ class CurrentReplica:
     gpu_uuid: str
     pids: frozenset[int] = frozenset()
     asleep: bool = False  # a warm standby in vLLM sleep mode: holds only its standby memory
+    budget_mib: int | None = None  # what it was granted, when shrunk below its full budget
 
 
 @dataclass(frozen=True, slots=True)

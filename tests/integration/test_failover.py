@@ -303,8 +303,15 @@ async def test_warm_standby_wakes_on_gpu1_instead_of_a_cold_load(tmp_path: Path)
         assert all(w["state"] != "pending" for w in status["workers"])
         assert "The warm standby is placed on gpu1" in explain(fleet, "mimo-vl")
         standby_pid = fleet.status("mimo-vl~standby").pid
+        # a degraded gpu0 keeps what runs: the standby stays asleep
+        gpu0 = fleet.host.gpus()[0].uuid
+        fleet.host.set_fault(gpu0, ecc_uncorrected=2)
+        await fleet.wait_until("gpu0 degraded", lambda: gpu0_health(fleet) == "degraded")
+        await asyncio.sleep(0.5)
+        assert fleet.status("mimo-vl~standby").state is WorkerState.STANDBY
+        assert ready_on(fleet, "mimo-vl", 0)
         mark = len(kinds(fleet))
-        fleet.host.set_fault(fleet.host.gpus()[0].uuid, lost=True)
+        fleet.host.set_fault(gpu0, lost=True)
         await fleet.wait_until("MiMo on gpu1", lambda: ready_on(fleet, "mimo-vl", 1), timeout_s=60)
         mimo = fleet.status("mimo-vl")
         assert mimo.pid == standby_pid, "the standby itself serves: no new process"
@@ -319,3 +326,71 @@ async def test_warm_standby_wakes_on_gpu1_instead_of_a_cold_load(tmp_path: Path)
         ]
         assert all(e.fields.get("gpu") != 1 for e in starts), "no cold start on gpu1"
         assert set(pending(fleet)) >= {"deepcoder:14b", "mimo-vl"}  # mimo-vl: the new standby
+
+
+SHRINKABLE = """
+[[models]]
+name = "mimo-vl"
+engine = "vllm"
+model = "acme/vision-4B"
+vram_gib = 8.0
+overhead_gib = 2.0
+priority = 100
+preferred_gpus = [0]
+[models.health]
+HEALTH
+
+[[models]]
+name = "deepcoder:14b"
+engine = "ollama"
+model = "deepcoder:14b"
+vram_gib = 9.0
+min_vram_gib = 2.0
+overhead_gib = 0.5
+priority = 50
+[models.health]
+HEALTH
+
+[[models]]
+name = "qwen2.5vl:3b"
+engine = "ollama"
+model = "qwen2.5vl:3b"
+vram_gib = 3.2
+overhead_gib = 0.3
+priority = 60
+[models.health]
+HEALTH
+
+[gpus]
+health_debounce_s = 0.3
+failback = "manual"
+"""
+
+
+async def test_an_evicted_model_comes_back_partially_offloaded_where_room_remains(
+    tmp_path: Path,
+) -> None:
+    async with running_fleet(tmp_path, SHRINKABLE) as fleet:
+        await fleet.wait_until(
+            "up",
+            lambda: ready_on(fleet, "mimo-vl", 0) and ready_on(fleet, "deepcoder:14b", 1),
+            timeout_s=60,
+        )
+        fleet.host.set_fault(fleet.host.gpus()[0].uuid, lost=True)
+        await fleet.wait_until(
+            "all three on gpu1",
+            lambda: (
+                ready_on(fleet, "mimo-vl", 1)
+                and ready_on(fleet, "qwen2.5vl:3b", 1)
+                and ready_on(fleet, "deepcoder:14b", 1)
+            ),
+            timeout_s=90,
+        )
+        coder = fleet.status("deepcoder:14b")
+        assert coder.budget_mib == 2560  # what gpu1 had left: 16 - 10 - 3.5 GiB
+        assert "partial offload" in coder.reason
+        plan = fleet.reconciler.plan
+        assert plan is not None
+        (placed,) = [p for p in plan.placements if p.model == "deepcoder:14b"]
+        assert placed.note.startswith("shrunk to fit: 2.5 GiB of 9.5 GiB in VRAM")
+        assert not pending(fleet)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fleetd.config import ModelSpec
 from fleetd.model.gpu import GpuHealth, GpuProcess, GpuSnapshot, HostSnapshot
 from fleetd.planning import placement
-from fleetd.planning.types import CurrentReplica, Overrides, Plan
+from fleetd.planning.types import STANDBY_REPLICA, CurrentReplica, Overrides, Plan
 
 SIZES_MIB = (8192, 12288, 16384, 24576, 81920)
 
@@ -51,12 +51,18 @@ def cases(draw: st.DrawFn) -> Case:
     models = []
     for m in range(n_models):
         allowed = draw(st.sets(st.integers(0, 4), max_size=2)) if draw(st.booleans()) else set()
+        engine = draw(st.sampled_from(["vllm", "ollama"]))
+        vram_halves = draw(st.integers(1, 60))
+        # Ollama models may shrink (partial offload); vLLM models may keep a warm standby
+        shrink = engine == "ollama" and draw(st.booleans())
         models.append(
             ModelSpec(
                 name=f"m{m}",
-                engine=draw(st.sampled_from(["vllm", "ollama"])),
+                engine=engine,
                 model=f"m{m}",
-                vram_gib=draw(st.integers(1, 60)) / 2,
+                vram_gib=vram_halves / 2,
+                min_vram_gib=draw(st.integers(1, vram_halves)) / 2 if shrink else None,
+                standby=engine == "vllm" and draw(st.integers(0, 3)) == 0,
                 overhead_gib=draw(st.sampled_from([0.0, 0.5, 2.0])),
                 priority=draw(st.integers(0, 4)),
                 replicas=draw(st.integers(0, 3)),
@@ -165,7 +171,10 @@ def test_same_input_same_plan_in_any_order(case: Case, rnd: random.Random) -> No
 def test_carrying_out_a_plan_then_replanning_changes_nothing(case: Case) -> None:
     """Stability: once the plan runs, the next plan keeps every replica and stops none."""
     first = run(case)
-    running = [CurrentReplica(p.model, p.replica, p.gpu_uuid) for p in first.placements]
+    running = [
+        CurrentReplica(p.model, p.replica, p.gpu_uuid, budget_mib=p.budget_mib)
+        for p in first.placements
+    ]
     second = placement.plan(case.models, case.host, current=running, overrides=case.overrides)
     assert second.stops == ()
     assert all(p.kept for p in second.placements)
@@ -178,6 +187,10 @@ def test_every_wanted_replica_is_placed_or_pending_exactly_once(case: Case) -> N
     result = run(case)
     wanted = {
         (m.name, r) for m in case.models for r in range(case.overrides.wanted(m.name, m.replicas))
+    } | {
+        (m.name, STANDBY_REPLICA)
+        for m in case.models
+        if m.standby and case.overrides.wanted(m.name, m.replicas) > 0
     }
     placed = [p.key for p in result.placements]
     pending = [(p.model, p.replica) for p in result.pending]
