@@ -422,7 +422,7 @@ class Reconciler:
     def _effective_overrides(self, now: float) -> Overrides:
         """The operator's overrides plus fleetd's own: crash-loop avoids, cordon reasons."""
         ov = self.overrides
-        avoid = ov.avoid | {key for key, until in self.crash_avoid.items() if until > now}
+        avoid = ov.avoid | set(self.crash_avoid)  # expired ones went in _failover_crash_loops
         reasons = {uuid: self.faults.describe(uuid, now) for uuid in ov.fault_cordoned}
         return dataclasses.replace(ov, avoid=avoid, cordon_reasons=reasons)
 
@@ -525,23 +525,8 @@ class Reconciler:
         key = safe_key(f"vllm-{model}-{replica}-{worker.spec.gpu_uuid}")
         worker.record_key = key
         worker.record_replica = replica
-        if handle is None:
-            return
-        records.save(
-            WorkerRecord(
-                key=key,
-                name=worker.name,
-                engine="vllm",
-                pid=handle.pid,
-                create_time=handle.create_time,
-                argv=list(worker.spec.argv),
-                port=worker.spec.port,
-                gpu_uuid=worker.spec.gpu_uuid,
-                log_path=str(worker.spec.log_path),
-                model=model,
-                replica=replica,
-            )
-        )
+        if handle is not None:
+            records.save(_record(worker, handle, model))
 
     def _schedule_recheck(self, now: float) -> None:
         """A pass when a debounce or failback timer may have run out (not just at resync)."""
@@ -843,21 +828,7 @@ class Reconciler:
         records = self._paths.records
 
         def on_spawn(worker: ProcessWorker, handle: ProcessHandle) -> None:
-            records.save(
-                WorkerRecord(
-                    key=worker.record_key,
-                    name=worker.name,
-                    engine=wspec.engine,
-                    pid=handle.pid,
-                    create_time=handle.create_time,
-                    argv=list(wspec.argv),
-                    port=wspec.port,
-                    gpu_uuid=wspec.gpu_uuid,
-                    log_path=str(wspec.log_path),
-                    model=model,
-                    replica=worker.record_replica,
-                )
-            )
+            records.save(_record(worker, handle, model))
 
         worker = ProcessWorker(
             wspec,
@@ -947,6 +918,24 @@ class Reconciler:
             + (f"; killed leftover pids {leftovers}" if leftovers else ""),
             worker=rec.name,
         )
+
+
+def _record(worker: ProcessWorker, handle: ProcessHandle, model: str | None) -> WorkerRecord:
+    """What the state dir keeps of a running engine, for the next fleetd to adopt it."""
+    spec = worker.spec
+    return WorkerRecord(
+        key=worker.record_key,
+        name=worker.name,
+        engine=spec.engine,
+        pid=handle.pid,
+        create_time=handle.create_time,
+        argv=list(spec.argv),
+        port=spec.port,
+        gpu_uuid=spec.gpu_uuid,
+        log_path=str(spec.log_path),
+        model=model,
+        replica=worker.record_replica,
+    )
 
 
 def fault_policy(cfg: FleetConfig) -> FaultPolicy:

@@ -363,7 +363,7 @@ class ProcessWorker(StateOwner):
         try:
             while True:
                 waking = await self._sleep_or_wake()
-                interval = 0.1 if waking else self.spec.health.probe_interval_s
+                interval = 0.25 if waking else self.spec.health.probe_interval_s
                 await self._race(exit_task, interval)
                 if exit_task.done():
                     await self._crashed(f"exited with code {exit_task.result()}")
@@ -412,7 +412,8 @@ class ProcessWorker(StateOwner):
             return False
         async with self._gate.lock:
             free_mib, holders = await self._gate.free_mib()
-            need_mib = self.spec.budget_mib - self._asleep_mib()
+            # what it holds asleep is already in use on the GPU: it needs the rest
+            need_mib = self.spec.budget_mib - self.spec.standby_mib
             if free_mib < need_mib:
                 self._reason = (
                     f"waking: waiting for GPU memory: needs {need_mib} MiB more, "
@@ -433,10 +434,6 @@ class ProcessWorker(StateOwner):
         took_s = self._clock.monotonic() - started
         await self._set_state(WorkerState.READY, f"woken from standby in {took_s:.1f} s")
         return False
-
-    def _asleep_mib(self) -> int:
-        """What the standby holds now (its configured figure; the GPU check is what counts)."""
-        return self.spec.standby_mib or 0
 
     async def _stop(
         self,
