@@ -24,7 +24,7 @@ from fleetd.model.gpu import GpuHealth, GpuProcess, GpuSnapshot, HostSnapshot
 from fleetd.model.worker import WorkerState, WorkerStatus
 from fleetd.obs.alerts import Outcome
 from fleetd.obs.events import Event
-from fleetd.obs.metrics import FleetMetrics
+from fleetd.obs.metrics import FleetMetrics, GatewayCounters
 from fleetd.planning.types import GpuPlan, Pending, Placement, Plan
 
 DASHBOARD = Path(__file__).parents[2] / "packaging" / "grafana" / "fleetd-dashboard.json"
@@ -152,6 +152,14 @@ def exposition() -> dict[str, tuple[str, frozenset[str]]]:
     metrics.count_alert("log-to-journal", Outcome.OK.value)
     metrics.observe_reconcile(0.042, ok=True)
     metrics.observe_reconcile(1.7, ok=False)
+    metrics.track_gateway(
+        lambda: GatewayCounters(
+            requests=12,
+            in_flight=2,
+            by_status={200: 10, 503: 2},
+            problems={"retry": 1, "fallback": 2, "mid_stream_failure": 0},
+        )
+    )
     metrics.refresh(view)
     found: dict[str, tuple[str, set[str]]] = {}
     for family in text_string_to_metric_families(metrics.render().decode()):
