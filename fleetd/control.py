@@ -83,7 +83,7 @@ class Control:
     # -- actions -----------------------------------------------------------------------------
     def scale(self, model: str, replicas: int, caller: Caller) -> ActionResult:
         """Override the replica count of a model."""
-        spec = self._model(model)
+        spec = self.model_spec(model)
         if not 0 <= replicas <= 64:
             raise ControlError("invalid_value", f"replicas must be 0-64, not {replicas}")
         ov = self.reconciler.overrides
@@ -120,7 +120,7 @@ class Control:
                 gpu=label,
             )
         if target == "model":
-            self._model(name)
+            self.model_spec(name)
             if timeout_s is not None:
                 self.reconciler.drain_timeouts[name] = timeout_s
             return self._apply(
@@ -154,7 +154,7 @@ class Control:
             new = dataclasses.replace(ov, drained=ov.drained - {uuid})
             return self._apply(new, "operator.undrain", f"undrain {label}", caller, gpu=label)
         if target == "model":
-            self._model(name)
+            self.model_spec(name)
             if name not in ov.drained_models:
                 raise ControlError("invalid_value", f"model {name} is not drained")
             self.reconciler.drain_timeouts.pop(name, None)
@@ -192,7 +192,7 @@ class Control:
         """Restart a worker (draining first) or reload an Ollama model; clears a failure."""
         owner = self.reconciler.find(worker)
         if owner is None:
-            raise ControlError("unknown_worker", self._unknown_worker(worker))
+            raise ControlError("unknown_worker", self.unknown_worker_message(worker))
         owner.restart()
         event = self.bus.emit(
             "operator.restart",
@@ -277,7 +277,8 @@ class Control:
         )
         return {"ok": True, "message": text, "event_seq": event.seq}
 
-    def _model(self, name: str) -> config.ModelSpec:
+    def model_spec(self, name: str) -> config.ModelSpec:
+        """The model called ``name``; ControlError unknown_model lists the known ones."""
         spec = self.reconciler.cfg.model_named(name)
         if spec is None:
             known = ", ".join(m.name for m in self.reconciler.cfg.models) or "(none)"
@@ -301,7 +302,7 @@ class Control:
     def _replica_worker(self, name: str) -> tuple[str, int, str]:
         owner = self.reconciler.find(name)
         if owner is None:
-            raise ControlError("unknown_worker", self._unknown_worker(name))
+            raise ControlError("unknown_worker", self.unknown_worker_message(name))
         key = self.reconciler.replica_of(owner)
         if key is None:
             raise ControlError(
@@ -310,7 +311,8 @@ class Control:
             )
         return key
 
-    def _unknown_worker(self, name: str) -> str:
+    def unknown_worker_message(self, name: str) -> str:
+        """What to say when no worker is called ``name``: the names there are."""
         names = ", ".join(s.name for s in self.reconciler.workers()) or "(none)"
         return f"no worker is called {name!r}; workers: {names}"
 

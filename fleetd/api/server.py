@@ -146,7 +146,7 @@ async def get_explain(request: web.Request) -> web.Response:
     """GET /v1/models/{model}/explain."""
     control = request.app[CONTROL]
     model = request.match_info["model"]
-    control._model(model)  # noqa: SLF001 - raises unknown_model with the known names
+    control.model_spec(model)  # raises unknown_model with the known names
     body = views.explain(control, model, request.app[BUS], now_s=asyncio.get_running_loop().time())
     return web.json_response(body)
 
@@ -259,7 +259,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     name = request.match_info["worker"]
     owner = control.reconciler.find(name)
     if owner is None:
-        raise ControlError("unknown_worker", control._unknown_worker(name))  # noqa: SLF001
+        raise ControlError("unknown_worker", control.unknown_worker_message(name))
     serve = owner.serve if isinstance(owner, OllamaSlot) else owner
     path: Path = serve.spec.log_path
     lines = _int_query(request, "lines", 50)

@@ -171,9 +171,7 @@ class Gateway:
                 "free the port or change [gateway] port (or set enabled = false)"
             ) from None
         self._runner = runner
-        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
-        sockets = getattr(server, "sockets", None) or ()
-        self.port = sockets[0].getsockname()[1] if sockets else spec.port
+        self.port = int(runner.addresses[0][1]) if runner.addresses else spec.port
         self._bus.emit(
             "gateway.listening",
             f"gateway at http://{spec.host}:{self.port}/v1 (Ollama API at /api)",
