@@ -364,10 +364,10 @@ def render_status(status: Status, *, width: int, colour: bool) -> list[str]:
     out = [clip(head, width)]
     gateway = status.get("gateway")
     if gateway:
-        out.append(
-            f"gateway {gateway['url']}  {gateway['in_flight']} in flight  "
-            f"{gateway['requests']} requests ({gateway['fallbacks']} fallbacks, "
-            f"{gateway['retries']} retries, {gateway['mid_stream_failures']} cut mid-stream)"
+        out.append(  # what matters first: a narrow terminal clips the request count
+            f"gateway {gateway['url']}  {gateway['in_flight']} in flight, "
+            f"{gateway['fallbacks']} fallback, {gateway['mid_stream_failures']} cut, "
+            f"{gateway['retries']} retry, {gateway['requests']} req"
         )
     out.append("")
     out += _gpu_section(status, width=width, colour=colour)

@@ -436,3 +436,26 @@ def test_socket_comes_from_the_environment(
     monkeypatch.setenv("FLEETD_SOCKET", str(missing))
     assert fleetctl.main(["status"]) == 3
     assert f"no socket at {missing}" in capsys.readouterr().err
+
+
+def test_gateway_line_fits_80_columns_and_standby_is_named() -> None:
+    status = eight_gpus()
+    status["gateway"] = {
+        "url": "http://127.0.0.1:8000/v1",
+        "in_flight": 3,
+        "requests": 12345,
+        "retries": 2,
+        "fallbacks": 17,
+        "refused": 4,
+        "upstream_failed": 0,
+        "mid_stream_failures": 1,
+        "client_disconnects": 5,
+    }
+    status["pending"] = [{"model": "mimo-vl", "replica": 64, "reason": "gpu1 has no room"}]
+    lines = render_status(status, width=80, colour=False)
+    line = next(x for x in lines if x.startswith("gateway "))
+    assert line.startswith(
+        "gateway http://127.0.0.1:8000/v1  3 in flight, 17 fallback, 1 cut, 2 retry, 123"
+    )
+    assert len(line) <= 80
+    assert any("mimo-vl~standby" in x for x in lines)
