@@ -233,41 +233,26 @@ class Reconciler:
     def replicas(self, inflight: Inflight) -> list[Replica]:
         """Every ready vLLM worker and loaded Ollama model, for the gateway's routing."""
         out: list[Replica] = []
+
+        def add(
+            target: str, name: str, model: str, engine: Engine, url: str, upstream: str
+        ) -> None:
+            out.append(Replica(target, name, model, engine, url, upstream, inflight.count(target)))
+
         for (model, _replica, gpu), worker in self._vllm.items():
-            spec = self.cfg.model_named(model)
-            if worker.state is not WorkerState.READY or spec is None or worker.standby:
+            if worker.state is not WorkerState.READY or worker.standby:
                 continue
-            target = target_id(worker.name, gpu)
-            out.append(
-                Replica(
-                    target=target,
-                    worker=worker.name,
-                    model=model,
-                    engine=Engine.VLLM,
-                    base_url=f"http://127.0.0.1:{worker.spec.port}",
-                    upstream_model=spec.served,
-                    outstanding=inflight.count(target),
-                )
-            )
+            spec = self.cfg.model_named(model)
+            if spec is not None:
+                url = f"http://127.0.0.1:{worker.spec.port}"
+                add(target_id(worker.name, gpu), worker.name, model, Engine.VLLM, url, spec.served)
         for group in self._ollama.values():
             if group.serve.state is not WorkerState.READY:
                 continue
-            for (model, _replica, gpu), slot in group.slots.items():
-                spec = self.cfg.model_named(model)
-                if slot.state is not WorkerState.READY or spec is None:
-                    continue
-                target = target_id(slot.name, gpu)
-                out.append(
-                    Replica(
-                        target=target,
-                        worker=slot.name,
-                        model=model,
-                        engine=Engine.OLLAMA,
-                        base_url=slot.base_url,
-                        upstream_model=ollama_adapter.normalise(spec.model),
-                        outstanding=inflight.count(target),
-                    )
-                )
+            for slot in group.slots.values():
+                if slot.state is WorkerState.READY:
+                    tag = ollama_adapter.normalise(slot.spec.model)
+                    add(slot.target, slot.name, slot.spec.name, Engine.OLLAMA, slot.base_url, tag)
         return out
 
     def find(self, name: str) -> ProcessWorker | OllamaSlot | None:

@@ -115,7 +115,6 @@ class Gateway:
         self._turn = itertools.count()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self.closing = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
     def set_config(self, cfg: FleetConfig) -> None:
@@ -181,7 +180,6 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting; let in-flight requests finish within gateway.drain_timeout_s."""
-        self.closing.set()
         if self._runner is not None:
             busy = self.inflight.total()
             if busy:
